@@ -1,0 +1,221 @@
+"""Dex settings: one module, read from the environment.
+
+With no DATABASE_URL / REDIS_URL the embedded Postgres and Redis under `.dex/` are used (dexweb/embedded.py);
+with them set, the servers they name. Bad values fail loudly with ImproperlyConfigured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), got {raw!r}")
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
+
+
+def env_int(name: str, default: int) -> int:
+    value = env_float(name, default)
+    if value != int(value):
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def database_from_url(url: str) -> dict:
+    """DATABASE_URL → DATABASES entry. `?host=/socket/dir` selects a unix socket (as pgserver gives)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+        raise ImproperlyConfigured(f"DATABASE_URL must be a postgres:// URL, got scheme {parsed.scheme!r}")
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    host = query.pop("host", None) or unquote(parsed.hostname or "")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parsed.path.lstrip("/")) or "postgres",
+        "USER": unquote(parsed.username or ""),
+        "PASSWORD": unquote(parsed.password or ""),
+        "HOST": host,
+        "PORT": str(parsed.port or ""),
+        # Workers and the scheduler keep their connection; the health check drops one Postgres closed.
+        "CONN_MAX_AGE": env_int("DEX_CONN_MAX_AGE", 600),
+        "CONN_HEALTH_CHECKS": True,
+        "OPTIONS": query,
+        "TEST": {"NAME": env_str("DEX_TEST_DATABASE", "") or None},
+    }
+
+
+DEBUG = env_bool("DEX_DEBUG", True)
+SECRET_KEY = env_str("DEX_SECRET_KEY") or ("dev-only-insecure-key-do-not-use-in-production" if DEBUG else "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("DEX_SECRET_KEY must be set when DEX_DEBUG is false")
+ALLOWED_HOSTS = [h for h in env_str("DEX_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("DEX_CSRF_TRUSTED_ORIGINS").split(",") if o]
+
+DATABASE_URL = env_str("DATABASE_URL")
+REDIS_URL = env_str("REDIS_URL")
+if not DATABASE_URL or not REDIS_URL:
+    from dexweb import embedded
+
+    DATABASE_URL = DATABASE_URL or embedded.postgres_url()
+    REDIS_URL = REDIS_URL or embedded.redis_url()
+
+DATABASES = {"default": database_from_url(DATABASE_URL)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "channels",
+    "django_htmx",
+    "template_partials",
+    "ninja",
+    "runs",
+    "agents",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    # Static files (htmx, its ws extension, our css) from daphne itself, DEBUG or not: no proxy needed.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "runs.middleware.ApiBodyLimitMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "dexweb.urls"
+ASGI_APPLICATION = "dexweb.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# Serve from the apps' static dirs when collectstatic hasn't run (a fresh clone); STATIC_ROOT when it has.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns on every start when it is missing
+
+# --- Redis: Channels layer and Celery broker --------------------------------------------------------------
+
+
+def celery_url_from_redis(url: str) -> str:
+    # Celery (kombu) spells a unix socket `redis+socket://PATH`; channels-redis spells it `unix://PATH`.
+    if url.startswith("unix://"):
+        return "redis+socket://" + url.removeprefix("unix://")
+    return url
+
+
+CHANNEL_LAYERS = {
+    "default": {
+        # The pub/sub layer: one PUBLISH per group message however many clients watch, which is what the
+        # run page's step-by-step stream needs (the core layer fans out per member).
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("DEX_CHANNEL_PREFIX", "dex")},
+    }
+}
+
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or celery_url_from_redis(REDIS_URL)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+
+# --- Dex -----------------------------------------------------------------------------------------------
+
+# A worker renews its lease every third of this; a worker that dies is replaced within about this long.
+DEX_LEASE_SECONDS = env_float("DEX_LEASE_SECONDS", 15.0)
+# How often the scheduler scans for due work when idle.
+DEX_SCHEDULER_TICK_SECONDS = env_float("DEX_SCHEDULER_TICK_SECONDS", 1.0)
+# A queued run with no claim this long is re-sent to the broker (its wake-up message was lost).
+DEX_REQUEUE_STALE_SECONDS = env_float("DEX_REQUEUE_STALE_SECONDS", 60.0)
+# A run whose worker died this many times is dead-lettered (failed) instead of re-queued again.
+DEX_MAX_RECOVERIES = env_int("DEX_MAX_RECOVERIES", 5)
+DEX_MAX_PAYLOAD_BYTES = env_int("DEX_MAX_PAYLOAD_BYTES", 1024 * 1024)
+DEX_MAX_STEP_OUTPUT_BYTES = env_int("DEX_MAX_STEP_OUTPUT_BYTES", 1024 * 1024)
+DEX_DEFAULT_QUEUE = env_str("DEX_DEFAULT_QUEUE", "dex")
+CELERY_TASK_DEFAULT_QUEUE = DEX_DEFAULT_QUEUE
+# Redis hands an unacked message out again after the visibility timeout: keep it far above the lease so
+# the broker never redelivers a message whose run is still being worked on (the lease fences it anyway).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, int(DEX_LEASE_SECONDS * 20))}
+DEX_AGENT_MODULES = [m.strip() for m in env_str("DEX_AGENT_MODULES").split(",") if m.strip()]
+DEX_IDEMPOTENCY_TTL_SECONDS = env_float("DEX_IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
+# LLM providers (JSON, validated by runs.ai.providers) and price overrides; the local server when unset.
+DEX_LLM_PROVIDERS = env_str("DEX_LLM_PROVIDERS") or None
+DEX_LLM_PRICING = env_str("DEX_LLM_PRICING") or None
+
+DATA_UPLOAD_MAX_MEMORY_SIZE = DEX_MAX_PAYLOAD_BYTES + 64 * 1024
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("DEX_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "INFO"}, "pgserver": {"level": "WARNING"}},
+}

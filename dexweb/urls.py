@@ -1,0 +1,22 @@
+from django.contrib import admin
+from django.http import HttpRequest, JsonResponse
+from django.urls import include, path, re_path
+
+from runs import sse
+from runs.api import api
+
+
+def api_not_found(request: HttpRequest) -> JsonResponse:
+    """Anything under /api/ that no endpoint serves is a JSON 404 too, not an HTML page (whatever DEBUG says)."""
+    message = f"no API endpoint at {request.path}; see /api/docs"
+    return JsonResponse({"error": {"code": "not_found", "message": message}}, status=404)
+
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    # Server-sent events are a streaming async view, outside django-ninja (which renders whole responses).
+    path("api/runs/<uuid:run_id>/stream", sse.run_stream, name="api-run-stream"),
+    path("api/", api.urls),
+    re_path(r"^api/", api_not_found),
+    path("", include("runs.urls")),
+]
