@@ -1,0 +1,86 @@
+"""Manage API keys: `apikey create --name NAME`, `apikey list`, `apikey revoke PREFIX_OR_ID`.
+
+`create` prints the key once: only its SHA-256 is stored, so a lost key can't be shown again (revoke it and
+create another).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from runs import services
+from runs.models import ApiKey
+
+
+class Command(BaseCommand):
+    help = "Create, list and revoke API keys for the Dex HTTP API."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        actions = parser.add_subparsers(dest="action", required=True, metavar="{create,list,revoke}")
+        create = actions.add_parser("create", help="Create a key and print it (once).")
+        create.add_argument("--name", required=True, help="What the key is for, e.g. 'ci' or 'billing-service'.")
+        actions.add_parser("list", help="List keys (prefix, name, created, last used, revoked).")
+        revoke = actions.add_parser("revoke", help="Revoke a key; requests with it fail from then on.")
+        revoke.add_argument("key", metavar="PREFIX_OR_ID", help="The key's id, its prefix (as listed) or the key.")
+
+    def handle(self, *args: Any, action: str, **options: Any) -> None:
+        if action == "create":
+            self.create_key(options["name"])
+        elif action == "list":
+            self.list_keys()
+        else:
+            self.revoke_key(options["key"])
+
+    def create_key(self, name: str) -> None:
+        name = name.strip()
+        if not name:
+            raise CommandError("--name must not be empty")
+        if len(name) > ApiKey._meta.get_field("name").max_length:
+            raise CommandError("--name is too long (at most 100 characters)")
+        key, secret = services.apikey_create(name=name)
+        # The key alone on stdout, so `KEY=$(manage.py apikey create --name ci)` works; the rest on stderr.
+        self.stderr.write(f"Created API key {key.id} {key.name!r}. It is shown only now; store it safely:")
+        self.stdout.write(secret)
+
+    def list_keys(self) -> None:
+        keys = ApiKey.objects.order_by("id")
+        if not keys:
+            self.stdout.write("No API keys. Create one with: manage.py apikey create --name NAME")
+            return
+        self.stdout.write(f"{'ID':>4}  {'PREFIX':<13} {'NAME':<24} {'CREATED':<17} {'LAST USED':<17} REVOKED")
+        for key in keys:
+            self.stdout.write(
+                f"{key.id:>4}  {key.prefix + '…':<13} {key.name[:24]:<24} {_when(key.created_at):<17} "
+                f"{_when(key.last_used_at):<17} {_when(key.revoked_at) if key.revoked_at else ''}"
+            )
+
+    def revoke_key(self, ref: str) -> None:
+        key = _find(ref.strip().rstrip("…"))
+        if services.apikey_revoke(key=key):
+            self.stdout.write(f"Revoked API key {key.id} {key.name!r} ({key.prefix}…).")
+        else:
+            self.stdout.write(f"API key {key.id} {key.name!r} ({key.prefix}…) was already revoked.")
+
+
+def _find(ref: str) -> ApiKey:
+    if not ref:
+        raise CommandError("give a key's id or prefix")
+    if ref.isdigit():
+        matches = list(ApiKey.objects.filter(pk=int(ref)))
+    elif len(ref) > len(ApiKey.PREFIX) + 8:
+        # Longer than a stored prefix: the whole key (only its hash can find it).
+        matches = list(ApiKey.objects.filter(key_hash=ApiKey.hash(ref)))
+    else:
+        matches = list(ApiKey.objects.filter(prefix__startswith=ref))
+    if not matches:
+        raise CommandError(f"no API key matches {ref!r}; see `manage.py apikey list`")
+    if len(matches) > 1:
+        listed = ", ".join(f"{k.id} ({k.prefix}…)" for k in matches)
+        raise CommandError(f"{ref!r} matches several keys: {listed}; give the id")
+    return matches[0]
+
+
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value else "-"

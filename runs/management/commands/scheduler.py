@@ -1,0 +1,75 @@
+"""Run the Dex scheduler: the process that turns due rows into work.
+
+Each tick is one statement (engine.scheduler_tick) that:
+1. wakes waiting/delayed runs whose `wake_at` has passed (sleeps, retry back-off, wait timeouts);
+2. re-queues running runs whose lease expired (their worker died), dead-lettering past DEX_MAX_RECOVERIES;
+3. re-sends the wake-up of queued runs nobody claimed for DEX_REQUEUE_STALE_SECONDS (a lost message);
+then enqueues what it changed, after commit;
+4. when the tick statement says a cron schedule is due, fires the due ones (schedules.schedules_fire): one
+   run per slot, next_run_at moved to the next slot after now (missed slots are skipped).
+An idle tick is therefore one indexed query.
+At start-up (and until it succeeds) it first syncs the schedules declared by `@task(schedule=...)`
+(schedules.schedules_sync_from_code). Rows are taken with SKIP LOCKED, so several schedulers may run
+at once and none double-enqueues or double-fires a slot. Time is Postgres's `now()`, never this machine's
+clock. When a tick found work it ticks again at once; when idle it waits DEX_SCHEDULER_TICK_SECONDS.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import DatabaseError, connection
+
+from runs import engine, schedules
+
+log = logging.getLogger("dex.scheduler")
+
+
+class Command(BaseCommand):
+    help = "Wake due runs, recover runs of dead workers, re-send lost wake-ups and fire cron schedules."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--once", action="store_true", help="Tick once and exit.")
+
+    def handle(self, *args: Any, once: bool = False, **options: Any) -> None:
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        interval = settings.DEX_SCHEDULER_TICK_SECONDS
+        log.info("scheduler started (tick %.2fs, lease %.1fs)", interval, settings.DEX_LEASE_SECONDS)
+        synced = False
+        while not stop.is_set():
+            try:
+                if not synced:
+                    sync = schedules.schedules_sync_from_code()
+                    synced = True
+                    log.info(
+                        "code schedules: %d created, %d updated, %d disabled", sync.created, sync.updated, sync.disabled
+                    )
+                result = engine.scheduler_tick()
+                fired = schedules.schedules_fire() if result.schedules_due else []
+            except DatabaseError:
+                log.warning("scheduler tick failed; retrying", exc_info=True)
+                connection.close()
+                stop.wait(interval)
+                continue
+            if fired:
+                log.info("fired %d schedule(s)", len(fired))
+            if result.total:
+                log.info(
+                    "woke %d, recovered %d, dead-lettered %d, re-sent %d",
+                    result.woken,
+                    result.recovered,
+                    result.dead,
+                    result.resent,
+                )
+            if once:
+                break
+            if not result.total and not fired:
+                stop.wait(interval)
+        log.info("scheduler stopped")

@@ -1,0 +1,402 @@
+"""Dex's record: runs, their steps (with every attempt), log lines and API keys.
+
+State changes do not live here: they are conditional UPDATEs in runs/engine.py (the one module that moves
+states). The partial indexes below exist for specific queries; each names the code that uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import GinIndex
+from django.db import models
+from django.db.models import Q
+
+from runs.ids import uuid7
+
+
+class RunStatus(models.TextChoices):
+    DELAYED = "delayed", "Delayed"
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    WAITING = "waiting", "Waiting"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELED = "canceled", "Canceled"
+    TIMED_OUT = "timed_out", "Timed out"
+
+
+TERMINAL_STATUSES = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELED, RunStatus.TIMED_OUT)
+ACTIVE_STATUSES = (RunStatus.DELAYED, RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+class Run(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    task_id = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    payload = models.JSONField(default=dict, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    # {"type", "message", "step", "traceback"} for a failed / timed-out run.
+    error = models.JSONField(null=True, blank=True)
+    tags = ArrayField(models.CharField(max_length=100), default=list, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
+    replay_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays")
+
+    queue = models.CharField(max_length=100, default="")
+    priority = models.IntegerField(default=0)
+    idempotency_key = models.CharField(max_length=255, blank=True, default="")
+    idempotency_expires_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # When a waiting/delayed run is due (sleep, retry back-off, wait timeout, delayed trigger).
+    wake_at = models.DateTimeField(null=True, blank=True)
+    # When the run was last handed to the broker: the scheduler re-sends stale ones (lost wake-ups).
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+
+    # The lease (ENGINE.md): one owner at a time; the token fences writes of an owner that lost it.
+    lease_owner = models.CharField(max_length=200, blank=True, default="")
+    lease_token = models.BigIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    # Execution time used by finished executions (for max_duration), excluding parked time.
+    executed_seconds = models.FloatField(default=0)
+    # How many times this run's worker died under it (lease expired); dead-lettered past a limit.
+    recoveries = models.IntegerField(default=0)
+    # How many times the run was started (claims) — `ctx.attempt` outside a step.
+    executions = models.IntegerField(default=0)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=8, default=0)
+    # LLM spend this run did not pay again: memoised LLM steps reused on retries and forks, cache hits.
+    saved_usd = models.DecimalField(max_digits=18, decimal_places=8, default=0)
+    # An approved "budget exceeded — continue?" raises the run's own cap above the task's budget_usd.
+    budget_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        # Viewers read; operators (this permission, given to the "operator" group) act on runs.
+        permissions = [("operate_runs", "Can trigger, cancel, retry, replay and fork runs and answer approvals")]
+        indexes = [
+            # engine.scheduler_tick: waiting/delayed runs whose wake_at is due.
+            models.Index(
+                fields=["wake_at"],
+                name="run_due_idx",
+                condition=Q(status__in=["waiting", "delayed"]),
+            ),
+            # engine.scheduler_tick: running runs whose lease expired (their worker died).
+            models.Index(fields=["lease_expires_at"], name="run_lease_idx", condition=Q(status="running")),
+            # engine.scheduler_tick: queued runs nobody claimed (lost wake-up).
+            models.Index(fields=["enqueued_at"], name="run_queued_idx", condition=Q(status="queued")),
+            # services.run_trigger: an idempotency key's existing run.
+            models.Index(
+                fields=["task_id", "idempotency_key"],
+                name="run_idempotency_idx",
+                condition=~Q(idempotency_key=""),
+            ),
+            # The run list: filter by status / task, newest first (keyset on id).
+            models.Index(fields=["status", "-id"], name="run_status_idx"),
+            models.Index(fields=["task_id", "-id"], name="run_task_idx"),
+            GinIndex(fields=["tags"], name="run_tags_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        from django.utils import timezone
+
+        end = self.finished_at or timezone.now()
+        return (end - self.started_at).total_seconds()
+
+
+class StepKind(models.TextChoices):
+    STEP = "step", "Step"
+    TRANSACTION = "transaction", "Transaction"
+    SLEEP = "sleep", "Sleep"
+    EVENT = "event", "Wait for event"
+    APPROVAL = "approval", "Wait for approval"
+    INVOKE = "invoke", "Child run"
+    MAP = "map", "Fan-out"
+    AI = "ai", "LLM call"
+    COMPENSATE = "compensate", "Compensation"
+
+
+class StepStatus(models.TextChoices):
+    COMPLETED = "completed", "Completed"
+    # An attempt failed and the step waits for its back-off before the next attempt.
+    RETRYING = "retrying", "Retrying"
+    FAILED = "failed", "Failed"
+    WAITING = "waiting", "Waiting"
+
+
+class Step(models.Model):
+    """One named step of a run. Written when it settles (completed, failed, retrying, waiting): a step costs
+    one commit. Every attempt's error, traceback and timings are kept in `history`."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    seq = models.IntegerField()
+    key = models.CharField(max_length=300)
+    kind = models.CharField(max_length=16, choices=StepKind.choices, default=StepKind.STEP)
+    status = models.CharField(max_length=16, choices=StepStatus.choices)
+    # Attempts made in all; `budget_used` counts those since the last manual retry (what Retry limits).
+    attempts = models.IntegerField(default=1)
+    budget_used = models.IntegerField(default=1)
+    output = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    # [{"attempt", "started_at", "finished_at", "error": {"type", "message", "traceback"}}, ...]
+    history = models.JSONField(default=list, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    wake_at = models.DateTimeField(null=True, blank=True)
+    # Kind-specific data: what a wait waits for, LLM usage, the compensation registered...
+    meta = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["run", "seq"]
+        indexes = [
+            # selectors.llm_usage_by_task_and_day: LLM steps by when they finished.
+            models.Index(fields=["finished_at"], name="step_ai_finished_idx", condition=Q(kind="ai")),
+        ]
+        constraints = [
+            # What makes memoisation safe: one committed result per step key per run.
+            models.UniqueConstraint(fields=["run", "key"], name="step_run_key_uniq"),
+            models.UniqueConstraint(fields=["run", "seq"], name="step_run_seq_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.status})"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class LogLine(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="logs")
+    step_key = models.CharField(max_length=300, blank=True, default="")
+    ts = models.DateTimeField()
+    level = models.CharField(max_length=10, default="INFO")
+    message = models.TextField()
+
+    class Meta:
+        ordering = ["run", "id"]
+        indexes = [models.Index(fields=["run", "id"], name="logline_run_idx")]
+
+    def __str__(self) -> str:
+        return f"[{self.level}] {self.message[:80]}"
+
+
+class ApiKey(models.Model):
+    """An API key. Only the SHA-256 of the secret is kept; the key itself is shown once, at creation."""
+
+    PREFIX = "dex_"
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12, help_text="The first characters, to recognise a key.")
+    key_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @staticmethod
+    def hash(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    @classmethod
+    def generate(cls, *, name: str, created_by=None) -> tuple[ApiKey, str]:
+        secret = cls.PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(name=name, prefix=secret[:12], key_hash=cls.hash(secret), created_by=created_by)
+        return key, secret
+
+
+class ScheduleSource(models.TextChoices):
+    # Declared by `@task(schedule=...)`: synced from code when a scheduler starts, not edited by hand.
+    CODE = "code", "Declared in code"
+    USER = "user", "Created by a user"
+
+
+class Schedule(models.Model):
+    """A cron schedule that starts runs of a task. Written through runs/schedules.py, which validates it
+    and keeps `next_run_at` (the next slot, in UTC) in step with `cron` and `timezone`."""
+
+    task_id = models.CharField(max_length=200)
+    # Five fields (minute hour day-of-month month day-of-week), read in `timezone`.
+    cron = models.CharField(max_length=100)
+    timezone = models.CharField(max_length=64, default="UTC", help_text="An IANA time zone, e.g. Europe/Paris.")
+    payload = models.JSONField(default=dict, blank=True)
+    enabled = models.BooleanField(default=True)
+    source = models.CharField(max_length=8, choices=ScheduleSource.choices, default=ScheduleSource.USER)
+    # The slot the schedule fires next; NULL while disabled.
+    next_run_at = models.DateTimeField(null=True, blank=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # Why the last slot started no run (the task vanished, its payload no longer validates); "" if it did.
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["task_id", "id"]
+        indexes = [
+            # schedules.schedules_fire (and its idle "is anything due" probe): enabled schedules by next slot.
+            models.Index(fields=["next_run_at"], name="schedule_due_idx", condition=Q(enabled=True)),
+        ]
+        constraints = [
+            # schedules.schedules_sync_from_code: a task's code schedule is synced in place, never duplicated.
+            models.UniqueConstraint(
+                fields=["task_id", "source"], condition=Q(source="code"), name="schedule_code_task_uniq"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task_id} {self.cron} ({self.timezone})"
+
+
+class Event(models.Model):
+    """An event received through the API (`POST /api/events`): resumes matching waits, starts subscribed
+    tasks. A client-given `external_id` makes delivery idempotent: the same id is accepted once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid7, editable=False)
+    name = models.CharField(max_length=200)
+    data = models.JSONField(default=dict, blank=True)
+    external_id = models.CharField(max_length=255, blank=True, default="")
+    received_at = models.DateTimeField(auto_now_add=True)
+    # What the event did: {"resumed": [run ids], "started": [run ids], "errors": [...]}
+    outcome = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # waits.event_send: INSERT ... ON CONFLICT on this index is what makes an event id count once.
+            models.UniqueConstraint(
+                fields=["external_id"], condition=~Q(external_id=""), name="event_external_id_uniq"
+            ),
+        ]
+        indexes = [models.Index(fields=["name", "-id"], name="event_name_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+
+class WaitpointKind(models.TextChoices):
+    EVENT = "event", "Event"
+    APPROVAL = "approval", "Approval"
+
+
+class Waitpoint(models.Model):
+    """What a parked run waits for (an event or a person), completed once: by a matching event, by its
+    token through the API or the dashboard, or by its timeout — whichever comes first."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="waitpoints")
+    step_key = models.CharField(max_length=300)
+    kind = models.CharField(max_length=16, choices=WaitpointKind.choices)
+    token = models.CharField(max_length=64, unique=True)
+    event_name = models.CharField(max_length=200, blank=True, default="")
+    # The event's data must contain this (jsonb containment: data @> match).
+    match = models.JSONField(default=dict, blank=True)
+    prompt = models.TextField(blank=True, default="")
+    # Dotted path of the Django Form class validating an approval's data.
+    form = models.CharField(max_length=300, blank=True, default="")
+    timeout_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    timed_out = models.BooleanField(default=False)
+    result = models.JSONField(null=True, blank=True)
+    event = models.ForeignKey(Event, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    completed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [models.UniqueConstraint(fields=["run", "step_key"], name="waitpoint_run_step_uniq")]
+        indexes = [
+            # waits.event_send: the open waits for an event name.
+            models.Index(
+                fields=["event_name"],
+                name="waitpoint_open_event_idx",
+                condition=Q(completed_at__isnull=True, kind="event"),
+            ),
+            # The approvals page: pending approvals, oldest first.
+            models.Index(fields=["created_at"], name="waitpoint_open_idx", condition=Q(completed_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.step_key} of run {self.run_id}"
+
+    @property
+    def is_pending(self) -> bool:
+        return self.completed_at is None
+
+
+class AuditEntry(models.Model):
+    """Who did what to which runs, and when: every operator action (dashboard, admin, bulk)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    username = models.CharField(max_length=150, blank=True, default="")  # kept if the user is deleted
+    action = models.CharField(max_length=50)
+    run_ids = ArrayField(models.UUIDField(), default=list, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["-created_at"], name="audit_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.username or 'system'} {self.action} ({len(self.run_ids)} runs)"
+
+
+class StepChunk(models.Model):
+    """LLM tokens of a streaming step, stored as they arrive (in small batches), so a page opened or
+    reconnected mid-stream shows the whole text so far. The step's row is written only when it settles."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="chunks")
+    step_key = models.CharField(max_length=300)
+    attempt = models.IntegerField(default=1)
+    seq = models.IntegerField()
+    text = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "step_key", "attempt", "seq"]
+        indexes = [models.Index(fields=["run", "step_key", "attempt", "seq"], name="stepchunk_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.step_key}#{self.seq}"
+
+
+class LlmCacheEntry(models.Model):
+    """A response keyed by the hash of its request (model, messages, params, tools): an identical call in a
+    replay or fork is answered from here and never paid twice."""
+
+    request_hash = models.CharField(max_length=64, unique=True)
+    model = models.CharField(max_length=200)
+    # {"text", "tool_calls", "finish_reason", "model", "provider"}
+    response = models.JSONField()
+    usage = models.JSONField(default=dict)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=8, default=0)
+    hits = models.IntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.request_hash[:12]}"

@@ -1,0 +1,244 @@
+"""Dex's public SDK: `@task`, `Retry` and the errors an agent author raises or catches.
+
+    from runs.sdk import task, Retry, NonRetriableError
+
+    @task("research-agent", retry=Retry(attempts=4))
+    def research_agent(ctx, topic: str, depth: int = 3) -> dict:
+        queries = ctx.step("plan", plan_queries, topic, depth)
+        ...
+
+The context `ctx` a task receives is `runs.engine.RunContext` (or `AsyncRunContext` for `async def` tasks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+from typing import Any
+
+import pydantic
+
+__all__ = [
+    "Cancelled",
+    "ChildRunFailed",
+    "NonDeterminismError",
+    "NonRetriableError",
+    "Retry",
+    "StepTimeout",
+    "Task",
+    "task",
+]
+
+
+class NonRetriableError(Exception):
+    """Raise from a step to fail it at once, without the remaining retries."""
+
+
+class NonDeterminismError(Exception):
+    """The task asked for its steps in a different order than the run recorded."""
+
+
+class StepTimeout(Exception):
+    """A step ran past its `timeout`. The attempt fails and is retried per policy."""
+
+
+class ChildRunFailed(Exception):
+    """`ctx.invoke` of a child run that failed; carries the child's error."""
+
+    def __init__(self, message: str, *, run_id: str = "", error: dict | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.error = error or {}
+
+
+class Cancelled(BaseException):
+    """The run was cancelled (or lost its lease): no further step may start.
+
+    A BaseException, like asyncio.CancelledError, so an agent's `except Exception:` can't swallow it.
+    """
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry policy: `attempts` in all (1 = no retry), the n-th retry after
+    `min(initial * backoff**(n-1), max_delay)` seconds, spread by ±`jitter` so retries don't stampede."""
+
+    attempts: int = 3
+    backoff: float = 2.0
+    initial: float = 1.0
+    max_delay: float = 60.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("Retry.attempts must be at least 1")
+        if self.initial < 0 or self.max_delay < 0 or self.backoff < 1:
+            raise ValueError("Retry needs initial ≥ 0, max_delay ≥ 0 and backoff ≥ 1")
+
+    def delay_after(self, failed_attempt: int) -> float:
+        """Seconds to wait after attempt number `failed_attempt` (1-based) failed."""
+        base = min(self.initial * self.backoff ** (failed_attempt - 1), self.max_delay)
+        return max(0.0, base * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+
+DEFAULT_RETRY = Retry()
+NO_RETRY = Retry(attempts=1)
+
+
+def _seconds(value: timedelta | float | int | None, name: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive")
+    return seconds
+
+
+@dataclass
+class Task:
+    """A registered task: the function and its options. Call `.trigger(...)` to start a run."""
+
+    id: str
+    fn: Callable[..., Any]
+    retry: Retry = DEFAULT_RETRY
+    max_duration: float | None = None
+    timeout: float | None = None
+    concurrency: int | None = None
+    concurrency_key: str | None = None
+    rate_limit: tuple[int, float] | None = None
+    rate_key: str | None = None
+    priority: int = 0
+    queue: str | None = None
+    idempotency_ttl: float | None = None
+    events: list[str] = field(default_factory=list)
+    schedule: str | None = None
+    budget_usd: float | None = None
+    description: str = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @cached_property
+    def _parameters(self) -> list[inspect.Parameter]:
+        params = list(inspect.signature(self.fn).parameters.values())
+        if not params:
+            raise TypeError(f"task {self.id!r}: the function must take the run context as first argument")
+        return params[1:]
+
+    @cached_property
+    def _hints(self) -> dict[str, Any]:
+        return typing.get_type_hints(self.fn)
+
+    @cached_property
+    def model_param(self) -> str | None:
+        """The parameter's name when the task takes one pydantic model as its whole payload."""
+        params = self._parameters
+        if len(params) == 1:
+            hint = self._hints.get(params[0].name)
+            if isinstance(hint, type) and issubclass(hint, pydantic.BaseModel):
+                return params[0].name
+        return None
+
+    @cached_property
+    def payload_model(self) -> type[pydantic.BaseModel]:
+        """A pydantic model of the payload, from the function's type hints."""
+        if self.model_param:
+            return self._hints[self.model_param]
+        fields: dict[str, Any] = {}
+        for p in self._parameters:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            hint = self._hints.get(p.name, Any)
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[p.name] = (hint, default)
+        name = "".join(part.capitalize() for part in self.id.replace("_", "-").split("-")) + "Payload"
+        return pydantic.create_model(name, __config__=pydantic.ConfigDict(extra="forbid"), **fields)
+
+    def payload_schema(self) -> dict:
+        return self.payload_model.model_json_schema()
+
+    def validate_payload(self, payload: Any) -> dict:
+        """Validate and normalise a payload; raises pydantic.ValidationError. Returns the JSON form stored."""
+        model = self.payload_model.model_validate(payload if payload is not None else {})
+        return model.model_dump(mode="json")
+
+    def call_arguments(self, payload: dict) -> dict[str, Any]:
+        """Keyword arguments for the task function from a stored payload."""
+        model = self.payload_model.model_validate(payload)
+        if self.model_param:
+            return {self.model_param: model}
+        return {name: getattr(model, name) for name in type(model).model_fields}
+
+    def trigger(self, payload: dict | None = None, **options: Any):
+        """Start a run of this task (see runs.services.run_trigger for the options)."""
+        from runs import services
+
+        run, _created = services.run_trigger(task_id=self.id, payload=payload or {}, **options)
+        return run
+
+
+def task(
+    id: str,
+    *,
+    retry: Retry | None = None,
+    max_duration: timedelta | float | None = None,
+    timeout: timedelta | float | None = None,
+    concurrency: int | None = None,
+    concurrency_key: str | None = None,
+    rate_limit: tuple[int, timedelta | float] | None = None,
+    rate_key: str | None = None,
+    priority: int = 0,
+    queue: str | None = None,
+    idempotency_ttl: timedelta | float | None = None,
+    events: list[str] | tuple[str, ...] = (),
+    schedule: str | None = None,
+    budget_usd: float | None = None,
+) -> Callable[[Callable[..., Any]], Task]:
+    """Register a function as a Dex task. The function takes the run context first, then its payload."""
+    if not id or not isinstance(id, str):
+        raise ValueError("a task needs a non-empty string id")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+
+    def decorate(fn: Callable[..., Any]) -> Task:
+        from agents.registry import registry
+
+        limit = None
+        if rate_limit is not None:
+            count, period = rate_limit
+            limit = (int(count), _seconds(period, "rate_limit period"))
+        t = Task(
+            id=id,
+            fn=fn,
+            retry=retry or DEFAULT_RETRY,
+            max_duration=_seconds(max_duration, "max_duration"),
+            timeout=_seconds(timeout, "timeout"),
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
+            rate_limit=limit,
+            rate_key=rate_key,
+            priority=priority,
+            queue=queue,
+            idempotency_ttl=_seconds(idempotency_ttl, "idempotency_ttl"),
+            events=list(events),
+            schedule=schedule,
+            budget_usd=budget_usd,
+            description=inspect.getdoc(fn) or "",
+        )
+        registry.register(t)
+        return t
+
+    return decorate

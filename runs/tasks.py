@@ -1,0 +1,16 @@
+"""Celery's interface to the engine: a message says "look at run X"; the engine does the rest."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.db import close_old_connections
+
+from runs import engine
+
+
+@shared_task(name="dex.execute_run", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def execute_run(run_id: str) -> None:
+    # The worker keeps its connection between runs (see dexweb/celery.py); drop it if it broke (Postgres
+    # restarted) or aged out, as Django does at the start of a request.
+    close_old_connections()
+    engine.run_execute(run_id)
