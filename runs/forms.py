@@ -1,0 +1,219 @@
+"""Dashboard forms: the trigger form built from a task's payload model, and the forms of the events,
+schedules and API keys pages.
+
+The trigger form is a convenience over the payload model, not a second validator: Django fields parse what a
+browser can send (numbers, checkboxes, choices, JSON text), then the task's pydantic model decides, and its
+errors are put back on the fields they name (`payload_errors_to_form`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+import typing
+from typing import Any
+
+import pydantic
+from django import forms
+from pydantic_core import PydanticUndefined
+
+from agents.registry import registry
+from runs.models import Schedule
+
+# Field-name prefix of the payload fields, so a payload field called `tags` or `delay` can't collide with the
+# run options of the same form.
+PAYLOAD_PREFIX = "payload"
+OPTIONS_PREFIX = "run"
+
+_SCALARS: dict[type, type[forms.Field]] = {str: forms.CharField, int: forms.IntegerField, float: forms.FloatField}
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    """(the annotation without `None`, whether None was allowed)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) < len(typing.get_args(annotation)):
+            return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), True  # noqa: UP007
+    return annotation, False
+
+
+class JSONTextField(forms.JSONField):
+    """A JSON value in a textarea; an empty box is "not given" (None), not an error."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("widget", forms.Textarea(attrs={"rows": 4, "class": "mono", "spellcheck": "false"}))
+        super().__init__(**kwargs)
+
+    def prepare_value(self, value: Any) -> Any:
+        return "" if value is None else super().prepare_value(value)
+
+
+class LinesField(forms.CharField):
+    """A list of scalars, one per line: the browser sends text, the payload model converts each item."""
+
+    widget = forms.Textarea(attrs={"rows": 3})
+
+    def to_python(self, value: Any) -> list[str] | None:  # type: ignore[override]
+        text = super().to_python(value)
+        if not text:
+            return None
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _form_field(name: str, info: pydantic.fields.FieldInfo) -> forms.Field:
+    annotation, nullable = _unwrap_optional(info.annotation)
+    has_default = info.default is not PydanticUndefined or info.default_factory is not None
+    default = info.get_default(call_default_factory=True) if has_default else None
+    required = not has_default and not nullable
+    common: dict[str, Any] = {"label": name, "required": required, "help_text": info.description or ""}
+    origin = typing.get_origin(annotation)
+
+    if annotation is bool:
+        # An unticked checkbox sends nothing: that is False, so the field is never "required".
+        return forms.BooleanField(**{**common, "required": False}, initial=bool(default))
+    if origin is typing.Literal:
+        values = typing.get_args(annotation)
+        choices = [(json.dumps(v) if not isinstance(v, str) else v, str(v)) for v in values]
+        return forms.ChoiceField(
+            **common, choices=([("", "—")] if not required else []) + choices, initial=_choice_initial(default)
+        )
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = [(str(member.value), f"{member.name} ({member.value})") for member in annotation]
+        initial = str(default.value) if isinstance(default, enum.Enum) else default
+        return forms.ChoiceField(**common, choices=([("", "—")] if not required else []) + choices, initial=initial)
+    if annotation in _SCALARS:
+        return _SCALARS[annotation](**common, initial=default)
+    if origin in (list, tuple, set, frozenset):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if args and all(a in _SCALARS for a in args):
+            initial = "\n".join(str(v) for v in default) if default else None
+            return LinesField(**{**common, "help_text": common["help_text"] or "One item per line."}, initial=initial)
+    # Nested models, dicts, unions, Any...: JSON, validated by the model.
+    initial = _jsonable(default) if has_default and default is not None else None  # the field dumps it
+    return JSONTextField(**{**common, "help_text": common["help_text"] or "JSON."}, initial=initial)
+
+
+def _choice_initial(default: Any) -> Any:
+    return default if isinstance(default, str) or default is None else json.dumps(default)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return pydantic.TypeAdapter(type(value)).dump_python(value, mode="json")
+    except Exception:  # an initial value is a convenience: an odd default must not break the form
+        return str(value)
+
+
+class PayloadForm(forms.Form):
+    """The fields of a payload model, one Django field per model field (see the module docstring)."""
+
+    def __init__(self, *args: Any, model: type[pydantic.BaseModel], **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", PAYLOAD_PREFIX)
+        super().__init__(*args, **kwargs)
+        self.model = model
+        self.literal_fields: dict[str, dict[str, Any]] = {}
+        for name, info in model.model_fields.items():
+            self.fields[name] = _form_field(name, info)
+            annotation, _ = _unwrap_optional(info.annotation)
+            if typing.get_origin(annotation) is typing.Literal:
+                # Choices travel as text; map each back to its typed value (Literal[1, 2] must stay ints).
+                self.literal_fields[name] = {
+                    (v if isinstance(v, str) else json.dumps(v)): v for v in typing.get_args(annotation)
+                }
+
+    def payload(self) -> dict[str, Any]:
+        """The payload for the model: fields left empty are left out, so the model's defaults apply."""
+        data: dict[str, Any] = {}
+        for name, value in self.cleaned_data.items():
+            if name in self.literal_fields:
+                if value in ("", None):
+                    continue
+                value = self.literal_fields[name].get(value, value)
+            elif value is None or value == "":
+                continue
+            data[name] = value
+        return data
+
+
+class TriggerOptionsForm(forms.Form):
+    idempotency_key = forms.CharField(
+        required=False, max_length=255, help_text="A second trigger with the same key returns the first run."
+    )
+    tags = forms.CharField(required=False, max_length=500, help_text="Comma-separated.")
+    delay = forms.FloatField(required=False, min_value=0, help_text="Seconds before the run starts.")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", OPTIONS_PREFIX)
+        super().__init__(*args, **kwargs)
+
+    def clean_tags(self) -> list[str]:
+        return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
+
+
+def payload_errors_to_form(form: forms.Form, exc: pydantic.ValidationError) -> None:
+    """Put each pydantic error on the form field its location starts with (else on the form itself)."""
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        message = error["msg"]
+        if loc and loc[0] in form.fields:
+            if len(loc) > 1:
+                message = f"{'.'.join(loc[1:])}: {message}"
+            form.add_error(loc[0], message)
+        else:
+            form.add_error(None, f"{'.'.join(loc) or 'payload'}: {message}")
+
+
+def _json_object(value: Any) -> dict:
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise forms.ValidationError('Must be a JSON object, e.g. {"key": "value"}.')
+    return value
+
+
+class EventSendForm(forms.Form):
+    name = forms.CharField(max_length=200, help_text="e.g. report.reviewed")
+    data = JSONTextField(required=False, initial={}, help_text="A JSON object; waits match on its keys.")
+    id = forms.CharField(
+        required=False, max_length=255, label="Id", help_text="Optional: an event id already received is ignored."
+    )
+
+    def clean_data(self) -> Any:
+        value = self.cleaned_data.get("data")
+        return {} if value is None else value
+
+
+class ScheduleForm(forms.Form):
+    task_id = forms.ChoiceField(label="Task")
+    cron = forms.CharField(max_length=100, help_text="minute hour day-of-month month day-of-week, e.g. */5 * * * *")
+    timezone = forms.CharField(max_length=64, initial="UTC", help_text="An IANA time zone, e.g. Europe/Paris.")
+    payload = JSONTextField(required=False, initial={}, help_text="A JSON object, validated by the task.")
+    enabled = forms.BooleanField(required=False, initial=True)
+
+    def __init__(self, *args: Any, schedule: Schedule | None = None, **kwargs: Any) -> None:
+        if schedule is not None:
+            kwargs.setdefault(
+                "initial",
+                {
+                    "task_id": schedule.task_id,
+                    "cron": schedule.cron,
+                    "timezone": schedule.timezone,
+                    "payload": schedule.payload,
+                    "enabled": schedule.enabled,
+                },
+            )
+        super().__init__(*args, **kwargs)
+        self.fields["task_id"].choices = [(t.id, t.id) for t in registry.all()]
+        if schedule is not None:
+            # A schedule's task is what it is; edit the rest (schedule_update can't move it to another task).
+            self.fields["task_id"].disabled = True
+            self.fields["task_id"].choices = [(schedule.task_id, schedule.task_id)]
+
+    def clean_payload(self) -> dict:
+        return _json_object(self.cleaned_data.get("payload"))
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="Who or what uses it, e.g. ci-pipeline.")

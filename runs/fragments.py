@@ -1,0 +1,362 @@
+"""The dashboard's live regions: what each one shows (read from Postgres) and its HTML.
+
+A page template defines one `{% partialdef %}` per region that can change. The HTTP views render the page
+with the contexts built here; the websocket consumers render the *same* partials with `oob` set
+(`hx-swap-oob` for the htmx ws extension), so a region looks the same whether it came with the page, with the
+snapshot sent on (re)connect, or with a push. Readers here are sync (Django ORM): consumers call them through
+`database_sync_to_async`. Renderers take loaded objects and never touch the database, so they are safe to
+call from the event loop — templates read only a model's own fields, never a relation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django import forms
+from django.contrib.postgres.expressions import ArraySubquery
+from django.db.models import F, Func, IntegerField, OuterRef, Subquery
+from django.db.models.functions import Coalesce, JSONObject
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+from django.utils.module_loading import import_string
+
+from runs import selectors
+from runs.models import LogLine, Run, Step, StepChunk, StepStatus, Waitpoint, WaitpointKind
+
+RUN_LIST_TEMPLATE = "runs/run_list.html"
+RUN_DETAIL_TEMPLATE = "runs/run_detail.html"
+
+# The run list shows the newest runs (filters and pagination come with the full dashboard).
+RUN_LIST_LIMIT = 50
+# The run page shows the last log lines; older ones stay in Postgres.
+LOG_LINES_LIMIT = 500
+# ...and the last steps of a long run (the failed one is the last), the first children: the page's cost
+# must not grow with the run. The header says how many more exist.
+STEPS_LIMIT = 200
+CHILDREN_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """A step that started but has not settled: the engine writes a step's row only when it settles
+    (ENGINE.md), so a running step's first appearance has no primary key yet and is keyed by its step key."""
+
+    key: str
+    attempts: int = 1
+    status: str = "running"
+    kind: str = ""
+    pk: None = None
+
+
+def step_dom_id(step: Step | PendingStep) -> str:
+    if step.pk is not None:
+        return f"step-{step.pk}"
+    return "step-pending-" + hashlib.blake2s(step.key.encode(), digest_size=8).hexdigest()
+
+
+# --- reads ------------------------------------------------------------------------------------------------
+
+
+def run_list_runs(filters: selectors.RunListFilters | None = None) -> list[Run]:
+    """The first page of the run list (what the live list shows), newest first, as `filters` narrow it."""
+    runs = selectors.run_queryset(filters=filters or selectors.RunListFilters())
+    return list(runs.defer("payload", "output").order_by("-id")[:RUN_LIST_LIMIT])
+
+
+def run_list_counters() -> list[selectors.StatusCount]:
+    """Runs per status, each capped (one bounded statement, no COUNT(*) over the table)."""
+    return selectors.run_status_counts()
+
+
+def run_get_or_none(run_id: UUID | str) -> Run | None:
+    return Run.objects.filter(pk=run_id).first()
+
+
+def step_get_or_none(run_id: UUID | str, key: str) -> Step | None:
+    return Step.objects.filter(run_id=run_id, key=key).first()
+
+
+def run_detail_get_or_none(run_id: UUID | str) -> Run | None:
+    """The run with what its header shows besides its own fields, in one query: how many steps, log lines
+    and children it has, its first children and its pending waits (attributes `step_count`, `log_count`,
+    `child_count`, `children_links` and `pending_waits`)."""
+    children = (
+        Run.objects.filter(parent_id=OuterRef("pk"))
+        .order_by("id")
+        .values(j=JSONObject(id="id", task_id="task_id", status="status"))[:CHILDREN_LIMIT]
+    )
+    waits = (
+        Waitpoint.objects.filter(run_id=OuterRef("pk"), completed_at__isnull=True)
+        .order_by("id")
+        .values(
+            j=JSONObject(
+                id="id",
+                kind="kind",
+                step_key="step_key",
+                event_name="event_name",
+                prompt="prompt",
+                form="form",
+                timeout_at="timeout_at",
+            )
+        )
+    )
+    run = (
+        Run.objects.filter(pk=run_id)
+        .annotate(
+            step_count=_count(Step.objects.filter(run_id=OuterRef("pk"))),
+            log_count=_count(LogLine.objects.filter(run_id=OuterRef("pk"))),
+            child_count=_count(Run.objects.filter(parent_id=OuterRef("pk"))),
+            children_json=ArraySubquery(children),
+            waits_json=ArraySubquery(waits),
+        )
+        .first()
+    )
+    if run is None:
+        return None
+    run.children_links = list(run.children_json or [])
+    run.pending_waits = [PendingWait.from_json(wait) for wait in run.waits_json or []]
+    return run
+
+
+def run_detail_context(run_id: UUID | str, *, can_operate: bool = False) -> dict[str, Any] | None:
+    """Everything the run page shows, or None if there is no such run. A bounded number of queries however
+    long the run: the run (with its counts), its last steps, its last log lines, and for a live run the
+    token chunks of LLM steps still streaming."""
+    run = run_detail_get_or_none(run_id)
+    if run is None:
+        return None
+    steps: list[Step | PendingStep] = list(Step.objects.filter(run_id=run.pk).order_by("-seq")[:STEPS_LIMIT])
+    steps.reverse()
+    logs = list(LogLine.objects.filter(run_id=run.pk).order_by("-id")[:LOG_LINES_LIMIT])
+    logs.reverse()
+    tokens: dict[str, str] = {}
+    if not run.is_terminal:
+        tokens = _streaming_tokens(run.pk)
+        settled = {step.key for step in steps}
+        # A streaming step has no row until it settles: show it, with its text so far, as a pending row.
+        steps += [PendingStep(key=key, kind="ai") for key in tokens if key not in settled]
+    step_logs: dict[str, list[LogLine]] = {}
+    for line in logs:
+        if line.step_key:
+            step_logs.setdefault(line.step_key, []).append(line)
+    return {
+        "run": run,
+        "run_pk": run.pk,
+        "steps": steps,
+        "hidden_steps": max(run.step_count - STEPS_LIMIT, 0),
+        "timeline": Timeline.of(run, steps),
+        "tokens": tokens,
+        "logs": logs,
+        "hidden_logs": max(run.log_count - LOG_LINES_LIMIT, 0),
+        "step_logs": step_logs,
+        "metadata": sorted(run.metadata.items()) if isinstance(run.metadata, dict) else [],
+        "can_operate": can_operate,
+    }
+
+
+def _count(queryset: Any) -> Coalesce:
+    # COUNT as a plain function, not an aggregate: no GROUP BY, so the subquery is one row even when empty.
+    counted = queryset.order_by().annotate(n=Func(F("pk"), function="COUNT")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), 0)
+
+
+def _streaming_tokens(run_pk: UUID) -> dict[str, str]:
+    """The text streamed so far by each LLM step of the run not yet completed, from its latest attempt."""
+    completed = Step.objects.filter(run_id=run_pk, status=StepStatus.COMPLETED).values("key")
+    chunks = (
+        StepChunk.objects.filter(run_id=run_pk)
+        .exclude(step_key__in=completed)
+        .order_by("step_key", "attempt", "seq")
+        .values_list("step_key", "attempt", "text")
+    )
+    latest: dict[str, tuple[int, list[str]]] = {}
+    for key, attempt, text in chunks:
+        if key not in latest or latest[key][0] != attempt:
+            latest[key] = (attempt, [])
+        latest[key][1].append(text)
+    return {key: "".join(parts) for key, (_attempt, parts) in latest.items()}
+
+
+@dataclass(frozen=True)
+class PendingWait:
+    """An open waitpoint of the run. An approval carries an unbound instance of its form, if it has one."""
+
+    id: int
+    kind: str
+    step_key: str
+    event_name: str = ""
+    prompt: str = ""
+    timeout_at: datetime | None = None
+    form: forms.Form | None = None
+    form_missing: bool = False
+
+    @property
+    def is_approval(self) -> bool:
+        return self.kind == WaitpointKind.APPROVAL
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PendingWait:
+        form, missing = None, False
+        if data.get("kind") == WaitpointKind.APPROVAL and data.get("form"):
+            try:
+                form = import_string(data["form"])(prefix=approval_form_prefix(data["id"]))
+            except ImportError:  # the form's code moved: approve/reject still work, without its fields
+                missing = True
+        return cls(
+            id=data["id"],
+            kind=data["kind"],
+            step_key=data["step_key"],
+            event_name=data.get("event_name") or "",
+            prompt=data.get("prompt") or "",
+            timeout_at=_parse_ts(data.get("timeout_at")),
+            form=form,
+            form_missing=missing,
+        )
+
+
+def approval_form_prefix(waitpoint_id: int) -> str:
+    return f"wp{waitpoint_id}"
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The span the step bars are drawn against: from the first step's start to the last one's end (or
+    now, while the run goes on)."""
+
+    start: datetime | None
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, run: Run, steps: list[Any]) -> Timeline:
+        starts = [s.started_at for s in steps if getattr(s, "started_at", None)]
+        ends = [s.finished_at for s in steps if getattr(s, "finished_at", None)]
+        start = min(starts) if starts else run.started_at
+        if start is None:
+            return cls(None)
+        end = max([*ends, start]) if run.is_terminal else timezone.now()
+        if run.is_terminal and run.finished_at:
+            end = max(end, run.finished_at)
+        return cls(start, max((end - start).total_seconds(), 0.001))
+
+    def bar(self, step: Any) -> tuple[float, float] | None:
+        """(left, width) in percent of the span, or None for a step not timed yet."""
+        started, finished = getattr(step, "started_at", None), getattr(step, "finished_at", None)
+        if self.start is None or started is None:
+            return None
+        finished = finished or timezone.now()
+        left = min(max((started - self.start).total_seconds() / self.seconds, 0.0), 1.0)
+        width = max((finished - started).total_seconds(), 0.0) / self.seconds
+        return round(left * 100, 2), round(max(min(width, 1.0 - left), 0.004) * 100, 2)
+
+    def extended_to_now(self) -> Timeline:
+        if self.start is None:
+            return self
+        now = timezone.now()
+        return Timeline(self.start, max(self.seconds, (now - self.start).total_seconds(), 0.001))
+
+
+# --- the run list -----------------------------------------------------------------------------------------
+
+
+def render_run_rows(runs: list[Run], *, is_operator: bool = False) -> str:
+    context = {"runs": runs, "oob": "true", "is_operator": is_operator}
+    return render_to_string(f"{RUN_LIST_TEMPLATE}#run-rows", context)
+
+
+def render_run_row(run: Run, *, oob: str = "true", is_operator: bool = False) -> str:
+    """The row of `run`, replacing its current row (`oob="true"`) or inserted as `oob` says. An operator's
+    rows carry the bulk-selection checkbox."""
+    context = {"run": run, "is_operator": is_operator}
+    if oob == "true":
+        return render_to_string(f"{RUN_LIST_TEMPLATE}#run-row", {**context, "row_oob": "true"})
+    return render_to_string(f"{RUN_LIST_TEMPLATE}#run-insert", {**context, "oob": oob})
+
+
+def render_run_counters(counters: list[selectors.StatusCount]) -> str:
+    return render_to_string(f"{RUN_LIST_TEMPLATE}#run-counters", {"counters": counters, "oob": "true"})
+
+
+def render_remove(dom_id: str) -> str:
+    return render_to_string(f"{RUN_LIST_TEMPLATE}#row-remove", {"dom_id": dom_id})
+
+
+# --- the run page -----------------------------------------------------------------------------------------
+
+# The header holds the run's actions and its pending waits (approvals), which change with its status too.
+_STATUS_REGIONS = ("run-header", "run-output")
+_DETAIL_REGIONS = (*_STATUS_REGIONS, "run-steps", "run-logs", "run-metadata")
+
+
+def render_run_snapshot(context: dict[str, Any]) -> str:
+    """Every region of the run page, each replacing its counterpart by id."""
+    return "".join(
+        render_to_string(f"{RUN_DETAIL_TEMPLATE}#{name}", {**context, "oob": "true"}) for name in _DETAIL_REGIONS
+    )
+
+
+def render_run_status(run: Run, *, can_operate: bool = False, request: Any = None) -> str:
+    """The regions that change with the run's status: header (with actions and pending waits) and output.
+    `run` should come from run_detail_get_or_none (its counts, children and waits)."""
+    context = {"run": run, "oob": "true", "can_operate": can_operate}
+    return "".join(
+        render_to_string(f"{RUN_DETAIL_TEMPLATE}#{name}", context, request=request) for name in _STATUS_REGIONS
+    )
+
+
+def render_step(
+    step: Step | PendingStep,
+    *,
+    oob: str,
+    run_pk: UUID | str,
+    live_status: str | None = None,
+    live_attempt: int | None = None,
+    can_operate: bool = False,
+    timeline: Timeline | None = None,
+) -> str:
+    """One step row. `oob` is "true" (replace the row with the same id), "outerHTML:#<id>" (replace
+    another row, e.g. the pending one) or "append" (add it at the end of the step list)."""
+    context = {
+        "step": step,
+        "run_pk": run_pk,
+        "live_status": live_status,
+        "live_attempt": live_attempt,
+        "can_operate": can_operate,
+        "timeline": timeline or Timeline(None),
+    }
+    if oob == "append":
+        return render_to_string(f"{RUN_DETAIL_TEMPLATE}#step-append", context)
+    return render_to_string(f"{RUN_DETAIL_TEMPLATE}#step-row", {**context, "row_oob": oob})
+
+
+def render_log_lines(lines: list[dict[str, Any]], *, run_pk: UUID | str) -> str:
+    """Log lines pushed by a worker (not yet in Postgres: the engine stores them with the next write)."""
+    logs = [{**line, "ts": _parse_ts(line.get("ts"))} for line in lines]
+    return render_to_string(f"{RUN_DETAIL_TEMPLATE}#log-append", {"logs": logs, "run_pk": run_pk})
+
+
+def render_metadata(run: Run | Any, metadata: dict[str, Any]) -> str:
+    return render_to_string(
+        f"{RUN_DETAIL_TEMPLATE}#run-metadata", {"run": run, "metadata": sorted(metadata.items()), "oob": "true"}
+    )
+
+
+def render_tokens(dom_id: str, text: str) -> str:
+    return render_to_string(f"{RUN_DETAIL_TEMPLATE}#token-append", {"dom_id": dom_id, "text": text})
+
+
+def render_tokens_reset(dom_id: str) -> str:
+    """Empty a step's token stream: a new attempt (retry, failover) streams again from the start."""
+    return render_to_string(f"{RUN_DETAIL_TEMPLATE}#token-reset", {"dom_id": dom_id})
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str):
+        return parse_datetime(value)
+    return None

@@ -1,0 +1,146 @@
+"""`GET /api/runs/{id}/stream`: one run's events as server-sent events, for frontends that aren't ours.
+
+The same stream the dashboard gets, as JSON: first `event: snapshot` (the run's status and its steps, read
+after joining the run's group, so nothing falls between the two), then each runs.realtime.RunEvent of the run
+as `event: <kind>` (run, step, log, metadata, token). A comment line every HEARTBEAT_SECONDS keeps proxies
+from closing an idle stream; the stream ends after the run's terminal status. The channel layer is
+at-most-once, so each heartbeat also checks Postgres and ends a stream whose final event was lost.
+
+Authentication is the API's: `Authorization: Bearer <api key>`, errors as `{"error": {"code", "message"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.core.serializers.json import DjangoJSONEncoder
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.http import require_GET
+
+from runs import realtime
+from runs.models import TERMINAL_STATUSES, ApiKey, Run
+
+HEARTBEAT_SECONDS = 15.0
+
+
+def _error(status: int, code: str, message: str) -> JsonResponse:
+    response = JsonResponse({"error": {"code": code, "message": message}}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="dex"'
+    return response
+
+
+def _api_key(secret: str) -> ApiKey | None:
+    return ApiKey.objects.filter(key_hash=ApiKey.hash(secret), revoked_at__isnull=True).first()
+
+
+def _run_exists(run_id: UUID) -> bool:
+    return Run.objects.filter(pk=run_id).exists()
+
+
+def _snapshot(run_id: UUID) -> dict[str, Any] | None:
+    run = Run.objects.filter(pk=run_id).first()
+    if run is None:
+        return None
+    return {
+        "run": {
+            "id": run.pk,
+            "task": run.task_id,
+            "status": run.status,
+            "output": run.output,
+            "error": run.error,
+            "metadata": run.metadata,
+            "created_at": run.created_at,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
+        },
+        "steps": [
+            {
+                "key": step.key,
+                "kind": step.kind,
+                "status": step.status,
+                "attempts": step.attempts,
+                "error": step.error,
+                "started_at": step.started_at,
+                "finished_at": step.finished_at,
+            }
+            for step in run.steps.order_by("seq")
+        ],
+    }
+
+
+def _run_status(run_id: UUID) -> str | None:
+    return Run.objects.filter(pk=run_id).values_list("status", flat=True).first()
+
+
+def _sse(event: str, data: Any) -> str:
+    # json.dumps never emits a raw newline, so `data` is always a single line.
+    return f"event: {event}\ndata: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
+
+
+@require_GET
+async def run_stream(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    header = request.headers.get("Authorization", "")
+    if not header:
+        return _error(401, "unauthorized", "missing API key: send the header `Authorization: Bearer <key>`")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        return _error(401, "unauthorized", "the Authorization header must read `Bearer <key>`")
+    if await database_sync_to_async(_api_key)(secret.strip()) is None:
+        return _error(401, "unauthorized", "invalid or revoked API key")
+    if not await database_sync_to_async(_run_exists)(run_id):
+        return _error(404, "not_found", f"no run with id {run_id}")
+    response = StreamingHttpResponse(run_events(run_id), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+    return response
+
+
+async def run_events(run_id: UUID) -> AsyncIterator[str]:
+    """The stream's body. Leaving it (run finished, client gone: Django cancels a streaming response whose
+    client disconnected) removes its channel from the group and unsubscribes it."""
+    layer = get_channel_layer()
+    group = realtime.run_group(run_id)
+    channel = await layer.new_channel()
+    # One receive() stays pending across heartbeats: cancelling it would unsubscribe the channel
+    # (channels_redis' pub/sub layer treats a cancelled receive as the consumer going away).
+    receiving = asyncio.ensure_future(layer.receive(channel))
+    try:
+        await layer.group_add(group, channel)
+        snapshot = await database_sync_to_async(_snapshot)(run_id)
+        if snapshot is None:
+            return
+        yield _sse("snapshot", snapshot)
+        if snapshot["run"]["status"] in TERMINAL_STATUSES:
+            return
+        while True:
+            done, _ = await asyncio.wait({receiving}, timeout=HEARTBEAT_SECONDS)
+            if not done:
+                status = await database_sync_to_async(_run_status)(run_id)
+                if status is None:
+                    return
+                if status in TERMINAL_STATUSES:
+                    yield _sse("run", {"status": status})
+                    return
+                yield ": heartbeat\n\n"
+                continue
+            message = receiving.result()
+            receiving = asyncio.ensure_future(layer.receive(channel))
+            event = message.get("event") if message.get("type") == "run.event" else None
+            if not event or event.get("run_id") != str(run_id):
+                continue
+            yield _sse(event["kind"], event.get("data") or {})
+            if event["kind"] == "run" and (event.get("data") or {}).get("status") in TERMINAL_STATUSES:
+                return
+    finally:
+        receiving.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await receiving
+        await layer.group_discard(group, channel)
