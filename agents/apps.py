@@ -1,0 +1,11 @@
+from django.apps import AppConfig
+
+
+class AgentsConfig(AppConfig):
+    name = "agents"
+    verbose_name = "Dex agents"
+
+    def ready(self) -> None:
+        from agents.registry import registry
+
+        registry.autodiscover()
