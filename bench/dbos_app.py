@@ -1,0 +1,20 @@
+"""The DBOS Transact side of the comparison: a workflow of the same no-op steps (imported only when used)."""
+
+from __future__ import annotations
+
+from dbos import DBOS
+
+from bench.agents import noop
+
+
+@DBOS.step()
+def dbos_noop_step(i: int) -> int:
+    return noop(i)
+
+
+@DBOS.workflow()
+def dbos_noop_workflow(steps: int) -> int:
+    total = 0
+    for i in range(steps):
+        total += dbos_noop_step(i)
+    return total

