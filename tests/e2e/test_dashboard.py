@@ -1,0 +1,437 @@
+"""The dashboard in a real browser: Debian's Chromium driven by Playwright, against a real daphne, a real
+Celery worker and a real scheduler, all pointed at the test database (DESIGN.md §5–§6).
+
+One daphne + worker + scheduler serve the whole module; every test logs in through /login/ and works on its
+own runs. Nothing here sleeps and hopes: every wait is a Playwright expectation or `wait_for` with a deadline.
+
+Screenshots land in test-artifacts/ (gitignored). With DEX_UPDATE_DOCS_SCREENSHOTS=1 the run list and a run
+page are also copied to docs/ for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.test import TransactionTestCase
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from runs import services
+from runs.models import Run, RunStatus
+from tests.agents import ledger_lines
+from tests.conftest import ROOT, SESSION, Proc, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1280, "height": 800}
+ARTIFACTS = ROOT / "test-artifacts"
+DOCS = ROOT / "docs"
+PASSWORD = "pw-e2e-123456"
+LIVE = 30_000  # ms: how long the page may take to show what the worker did
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daphne:
+    """daphne serving dexweb.asgi on a fixed port; restartable on that same port."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.env = env
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Proc | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "dexweb.asgi:application"]
+        self.proc = Proc(f"daphne{self.starts}", args, self.env, self.log_dir).start()
+        self.proc.wait_for_log("Listening on TCP address")
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+
+@dataclass
+class Stack:
+    daphne: Daphne
+    worker: Proc
+    scheduler: Proc
+    browser: Browser
+    log_dir: Path
+
+
+def _worker(env: dict[str, str], log_dir: Path) -> Proc:
+    queue = env["DEX_DEFAULT_QUEUE"]
+    args = [sys.executable, "-m", "celery", "-A", "dexweb", "worker", "-l", "info", "-P", "prefork", "-c", "2"]
+    args += ["-Q", queue, "-n", f"e2e-{SESSION}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    proc = Proc("worker", args, env, log_dir).start()
+    proc.wait_for_log("ready.")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stack(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One daphne, one worker (2 processes), one scheduler and one Chromium for the module."""
+    # Playwright's sync API keeps an event loop in this thread; the ORM calls of the tests are still synchronous.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    log_dir = tmp_path_factory.mktemp("e2e-logs")
+    started: list[Any] = []
+    try:
+        daphne = Daphne(dex_env, log_dir)
+        started.append(daphne)
+        daphne.start()
+        worker = _worker(dex_env, log_dir)
+        started.append(worker)
+        scheduler = Proc("scheduler", [sys.executable, "manage.py", "scheduler"], dex_env, log_dir).start()
+        started.append(scheduler)
+        scheduler.wait_for_log("scheduler started")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                yield Stack(daphne, worker, scheduler, browser, log_dir)
+            finally:
+                browser.close()
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+def _deadlocked(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, psycopg.errors.DeadlockDetected):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _flush_despite_live_processes() -> Iterator[None]:
+    """A transactional test ends with a TRUNCATE of every table, and here the worker, the scheduler (a tick every
+    0.1 s) and daphne live on across tests and keep reading: Postgres may pick the TRUNCATE as a deadlock's
+    victim. It is one statement, rolled back whole, so it is simply run again."""
+    original = TransactionTestCase._fixture_teardown
+
+    def fixture_teardown(self: TransactionTestCase) -> None:
+        for attempt in range(5):
+            try:
+                return original(self)
+            except Exception as exc:
+                if attempt == 4 or not _deadlocked(exc):
+                    raise
+
+    TransactionTestCase._fixture_teardown = fixture_teardown  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TransactionTestCase._fixture_teardown = original  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def users() -> dict[str, Any]:
+    """An operator and a viewer. The groups come from a migration, but a transactional test flushes them."""
+    permission = Permission.objects.get(codename="operate_runs", content_type__app_label="runs")
+    operator_group, _ = Group.objects.get_or_create(name="operator")
+    operator_group.permissions.add(permission)
+    viewer_group, _ = Group.objects.get_or_create(name="viewer")
+    model = get_user_model()
+    operator = model.objects.create_user("olga", password=PASSWORD)
+    operator.groups.add(operator_group)
+    viewer = model.objects.create_user("victor", password=PASSWORD)
+    viewer.groups.add(viewer_group)
+    return {"operator": operator, "viewer": viewer}
+
+
+@pytest.fixture
+def context(stack: Stack, request: pytest.FixtureRequest) -> Iterator[BrowserContext]:
+    ctx = stack.browser.new_context(base_url=stack.daphne.url, viewport=VIEWPORT)
+    ctx.set_default_timeout(15_000)
+    # Count the websocket messages htmx has applied: the first one is the snapshot the server sends on connect.
+    ctx.add_init_script(
+        "window.__dexWsMessages = 0;"
+        "document.addEventListener('htmx:wsAfterMessage', () => { window.__dexWsMessages += 1; });"
+    )
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Page:
+    return context.new_page()
+
+
+def login(page: Page, username: str) -> None:
+    page.goto("/login/")
+    page.locator("input[name=username]").fill(username)
+    page.locator("input[name=password]").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(re.compile(r"/$"))
+    expect(page.locator("header .user")).to_have_text(username)
+
+
+def header_status(page: Page, run_id: Any):
+    return page.locator(f"#run-{run_id}-header h1 .status")
+
+
+def step_rows(page: Page, run_id: Any):
+    return page.locator(f"#run-{run_id}-steps > .step")
+
+
+def wait_live(page: Page, *, snapshot: bool = True) -> None:
+    """The page's websocket is open (base.html's #connection indicator, driven by static/js/dex.js) and, with
+    `snapshot`, the snapshot the server sends on connect has been swapped in: it replaces the header (and any
+    approval form in it), so filling a form before it lands would fill a form about to be thrown away."""
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=LIVE)
+    if snapshot:
+        page.wait_for_function("window.__dexWsMessages > 0", timeout=LIVE)
+
+
+def shoot(page: Page, name: str, docs_name: str | None = None) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    if docs_name and os.environ.get("DEX_UPDATE_DOCS_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(path, DOCS / docs_name)
+    return path
+
+
+def run_id_from_url(page: Page) -> str:
+    match = re.search(r"/runs/([0-9a-f-]{36})/$", page.url)
+    assert match, page.url
+    return match.group(1)
+
+
+# --- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_login_trigger_from_the_task_form_and_watch_every_step_finish_without_a_reload(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    login(page, "olga")
+
+    page.goto("/tasks/t-ten-steps/")
+    page.locator("[name='payload-ledger']").fill(str(ledger))
+    page.locator("[name='payload-pause']").fill("0.5")
+    # Record every completed-step count the DOM goes through, and mark the document: a reload would lose both.
+    page.get_by_role("button", name="Trigger").click()
+    expect(page).to_have_url(re.compile(r"/runs/[0-9a-f-]{36}/$"))
+    run_id = run_id_from_url(page)
+    page.evaluate(
+        """(runId) => {
+            window.__dexNoReload = true;
+            window.__dexCounts = [];
+            const box = document.getElementById(`run-${runId}-steps`).parentElement;
+            const count = () => box.querySelectorAll('.step.step-completed').length;
+            window.__dexCounts.push(count());
+            new MutationObserver(() => {
+                const n = count();
+                if (window.__dexCounts[window.__dexCounts.length - 1] !== n) window.__dexCounts.push(n);
+            }).observe(box, {subtree: true, childList: true, attributes: true});
+        }""",
+        run_id,
+    )
+
+    expect(step_rows(page, run_id)).to_have_count(10, timeout=LIVE)
+    expect(page.locator(f"#run-{run_id}-steps > .step.step-completed")).to_have_count(10, timeout=LIVE)
+    expect(header_status(page, run_id)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
+    expect(header_status(page, run_id)).to_have_text("Completed")
+    expect(page.locator(f"#run-{run_id}-output")).to_contain_text('"total": 55')
+
+    assert page.evaluate("window.__dexNoReload") is True, "the page was reloaded"
+    counts = page.evaluate("window.__dexCounts")
+    assert counts[-1] == 10 and len(set(counts)) >= 3, f"steps did not arrive one by one: {counts}"
+    assert ledger_lines(ledger) == [f"s{i}" for i in range(1, 11)]
+    assert Run.objects.get(pk=run_id).status == RunStatus.COMPLETED
+    shoot(page, "run-page.png", docs_name="run-page.png")
+
+    # A few more runs, so the list shows more than one status.
+    others = [
+        services.run_trigger(task_id="t-fails", payload={"ledger": str(tmp_path / "fails.txt")})[0],
+        services.run_trigger(task_id="t-approval", payload={"order": "A-7"})[0],
+        services.run_trigger(task_id="t-ten-steps", payload={"ledger": str(tmp_path / "more.txt")})[0],
+    ]
+    page.goto("/")
+    expect(page.locator(f"#run-{run_id}")).to_contain_text("t-ten-steps")
+    for other, status in zip(others, ("Failed", "Waiting", "Completed"), strict=True):
+        expect(page.locator(f"#run-{other.pk}")).to_contain_text(status, timeout=LIVE)
+    shoot(page, "run-list.png", docs_name="run-list.png")
+
+
+def test_a_failed_steps_traceback_is_shown_and_retry_resumes_from_it(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    run, _ = services.run_trigger(task_id="t-fails", payload={"ledger": str(ledger)})
+    login(page, "olga")
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-failed\b"), timeout=LIVE)
+    bad = page.locator(f"#run-{run.pk}-steps > .step[data-key='bad']")
+    expect(bad).to_have_class(re.compile(r"\bstep-failed\b"))
+    expect(bad).to_contain_text("the step is broken")
+    traceback = bad.locator(".traceback").first
+    if not traceback.is_visible():  # a single error keeps its traceback behind a <summary>
+        bad.get_by_text("Traceback", exact=True).first.click()
+    expect(traceback).to_be_visible()
+    expect(traceback).to_contain_text("ValueError: the step is broken")
+    expect(traceback).to_contain_text('raise ValueError("the step is broken")')
+    shoot(page, "run-failed.png")
+
+    before = ledger_lines(ledger)
+    assert before.count("ok") == 1 and before.count("bad") >= 1
+    executions = Run.objects.get(pk=run.pk).executions
+
+    page.get_by_role("button", name=re.compile("^Retry")).click()
+    # The retried attempt runs step "bad" again (and fails again: it always does), never step "ok".
+    wait_for(lambda: ledger_lines(ledger).count("bad") > before.count("bad"), timeout=30, what="bad to run again")
+    wait_for(
+        lambda: (
+            Run.objects.get(pk=run.pk).status == RunStatus.FAILED and Run.objects.get(pk=run.pk).executions > executions
+        ),
+        timeout=30,
+        what="the retried run to fail again",
+    )
+    after = Run.objects.get(pk=run.pk)
+    expect(page.locator(f"#run-{run.pk}-header")).to_contain_text(f"Attempts{after.executions}", timeout=LIVE)
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-failed\b"), timeout=LIVE)
+    assert ledger_lines(ledger).count("ok") == 1, ledger_lines(ledger)
+
+
+def test_cancel_stops_a_sleeping_run(stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path) -> None:
+    run, _ = services.run_trigger(task_id="t-sleep", payload={"ledger": str(tmp_path / "l.txt"), "seconds": 3600})
+    login(page, "olga")
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-waiting\b"), timeout=LIVE)
+
+    page.get_by_role("button", name="Cancel").click()
+
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-canceled\b"), timeout=LIVE)
+    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELED
+    assert ledger_lines(tmp_path / "l.txt") == ["before"]
+
+
+def test_an_approval_is_answered_from_the_run_page(stack: Stack, page: Page, users: dict[str, Any]) -> None:
+    run, _ = services.run_trigger(task_id="t-approval", payload={"order": "A-42"})
+    login(page, "olga")
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+
+    form = page.locator(f"#run-{run.pk}-header .approval-form")
+    expect(form).to_be_visible(timeout=LIVE)
+    expect(page.locator(f"#run-{run.pk}-header")).to_contain_text("Refund order A-42?")
+    form.locator("[name$='amount']").fill("12.50")
+    form.locator("[name$='reason']").fill("arrived broken")
+    form.get_by_role("button", name="Approve").click()
+
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
+    expect(page.locator(f"#run-{run.pk}-output")).to_contain_text("arrived broken")
+    expect(page.locator(f"#run-{run.pk}-header .approval-form")).to_have_count(0)
+    output = Run.objects.get(pk=run.pk).output
+    assert output["answer"]["approved"] is True, output
+    assert output["answer"]["data"]["reason"] == "arrived broken", output
+
+
+def test_a_viewer_sees_no_actions_and_a_forged_post_is_refused(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    run, _ = services.run_trigger(task_id="t-sleep", payload={"ledger": str(tmp_path / "l.txt"), "seconds": 3600})
+    wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.WAITING, timeout=30, what="the run to sleep")
+    login(page, "victor")
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-waiting\b"))
+    expect(page.locator(f"#run-{run.pk}-header .actions")).to_have_count(0)
+    for name in ("Cancel", re.compile("^Retry"), "Replay as a new run", "Fork from this step", "Approve"):
+        expect(page.get_by_role("button", name=name)).to_have_count(0)
+
+    csrf = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+    response = page.request.post(f"/runs/{run.pk}/cancel/", headers={"X-CSRFToken": csrf})
+    assert response.status == 403
+    assert "CSRF" not in response.text(), "refused by the CSRF check, not by the permission"
+    assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING
+    services.run_cancel(run=Run.objects.get(pk=run.pk))
+
+
+SOCKET_OUTCOME = """(url) => new Promise((resolve) => {
+    const ws = new WebSocket(url);
+    let opened = false;
+    ws.onopen = () => { opened = true; ws.close(); };
+    ws.onclose = (event) => resolve({opened, code: event.code});
+    setTimeout(() => resolve({opened, code: 'timeout'}), 10000);
+})"""
+
+
+def test_an_anonymous_websocket_is_refused(stack: Stack, context: BrowserContext, users: dict[str, Any]) -> None:
+    anonymous = context.new_page()
+    anonymous.goto("/login/")  # a page of the site: the socket's Origin is the dashboard's own
+    url = f"ws://127.0.0.1:{stack.daphne.port}/ws/runs/"
+    outcome = anonymous.evaluate(SOCKET_OUTCOME, url)
+    assert outcome["opened"] is False and outcome["code"] != "timeout", outcome
+
+    login(anonymous, "victor")  # the same socket from the same origin, logged in, does open
+    assert anonymous.evaluate(SOCKET_OUTCOME, url)["opened"] is True
+
+
+def test_the_run_page_reconnects_after_a_daphne_restart_and_catches_up(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    login(page, "victor")
+    run, _ = services.run_trigger(task_id="t-ten-steps", payload={"ledger": str(ledger), "pause": 0.4})
+    page.goto(f"/runs/{run.pk}/")
+    page.evaluate("window.__dexNoReload = true")
+    wait_live(page)
+    expect(page.locator(f"#run-{run.pk}-steps > .step.step-completed")).not_to_have_count(0, timeout=LIVE)
+
+    stack.daphne.stop()
+    expect(page.locator("#connection")).not_to_have_attribute("data-state", "live", timeout=LIVE)
+    shown = page.locator(f"#run-{run.pk}-steps > .step.step-completed").count()
+    wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED, timeout=30, what="the run to finish")
+    assert shown < 10, "the run finished before daphne went away: nothing left to catch up on"
+
+    stack.daphne.start()
+    wait_live(page, snapshot=False)
+    expect(page.locator(f"#run-{run.pk}-steps > .step.step-completed")).to_have_count(10, timeout=LIVE)
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
+    assert page.evaluate("window.__dexNoReload") is True, "the page was reloaded"
