@@ -21,6 +21,7 @@ from django.utils import timezone
 from runs import bulk, fragments, selectors
 from runs.audit import roles_ensure
 from runs.consumers import RunListConsumer
+from runs.ids import uuid7_floor
 from runs.models import AuditEntry, Run, RunStatus, Step, StepStatus
 from runs.selectors import RunListFilters
 
@@ -104,8 +105,10 @@ def test_an_operator_sees_the_bulk_form_and_a_checkbox_per_row(operator: Client)
 def test_it_filters_by_status_task_tag_and_date(viewer: Client) -> None:
     failed = make_run(status=RunStatus.FAILED, tags=["eu"])
     queued = make_run(status=RunStatus.QUEUED, task_id="t-ten-steps", tags=["us"])
-    old = make_run(status=RunStatus.FAILED)
-    Run.objects.filter(pk=old.pk).update(created_at=timezone.now() - timedelta(days=10))
+    # Made 10 days ago: its uuid7 id carries that instant too (the date filter uses the id index).
+    ten_days_ago = timezone.now() - timedelta(days=10)
+    old = make_run(status=RunStatus.FAILED, id=uuid7_floor(ten_days_ago))
+    Run.objects.filter(pk=old.pk).update(created_at=ten_days_ago)
 
     def shown(query: str) -> set[str]:
         return set(row_ids(viewer.get(f"/?{query}").content.decode()))
