@@ -47,6 +47,13 @@ def env_int(name: str, default: int) -> int:
     return int(value)
 
 
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env_str(name, default).strip().lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def database_from_url(url: str) -> dict:
     """DATABASE_URL → DATABASES entry. `?host=/socket/dir` selects a unix socket (as pgserver gives)."""
     parsed = urlparse(url)
@@ -211,11 +218,48 @@ DEX_LLM_PRICING = env_str("DEX_LLM_PRICING") or None
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = DEX_MAX_PAYLOAD_BYTES + 64 * 1024
 
+# Alerts (runs/alerts.py): global destinations on top of those edited at /alerts/ and `@task(alerts=...)`.
+DEX_ALERT_WEBHOOK_URL = env_str("DEX_ALERT_WEBHOOK_URL")
+DEX_ALERT_WEBHOOK_SECRET = env_str("DEX_ALERT_WEBHOOK_SECRET")
+if DEX_ALERT_WEBHOOK_URL and not DEX_ALERT_WEBHOOK_SECRET:
+    raise ImproperlyConfigured("DEX_ALERT_WEBHOOK_URL needs DEX_ALERT_WEBHOOK_SECRET: alert webhooks are signed")
+DEX_ALERT_EMAILS = [e.strip() for e in env_str("DEX_ALERT_EMAILS").split(",") if e.strip()]
+# A run waiting for an event or an approval longer than this raises a "stuck" alert.
+DEX_ALERT_STUCK_SECONDS = env_float("DEX_ALERT_STUCK_SECONDS", 3600.0)
+DEX_ALERT_MAX_ATTEMPTS = env_int("DEX_ALERT_MAX_ATTEMPTS", 6)
+# The n-th retry of a delivery waits initial * 4**(n-1) seconds, at most an hour.
+DEX_ALERT_RETRY_INITIAL_SECONDS = env_float("DEX_ALERT_RETRY_INITIAL_SECONDS", 10.0)
+DEX_ALERT_TIMEOUT_SECONDS = env_float("DEX_ALERT_TIMEOUT_SECONDS", 10.0)
+# How often the scheduler looks for lost alerts and deliveries, and how far back.
+DEX_ALERT_SCAN_SECONDS = env_float("DEX_ALERT_SCAN_SECONDS", 15.0)
+DEX_ALERT_LOOKBACK_SECONDS = env_float("DEX_ALERT_LOOKBACK_SECONDS", 24 * 3600)
+# Links in alerts point here (e.g. https://dex.example.com); relative links when unset.
+DEX_BASE_URL = env_str("DEX_BASE_URL").rstrip("/")
+DEFAULT_FROM_EMAIL = env_str("DEX_FROM_EMAIL", "dex@localhost")
+EMAIL_BACKEND = env_str("DEX_EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env_str("DEX_EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("DEX_EMAIL_PORT", 25)
+EMAIL_HOST_USER = env_str("DEX_EMAIL_USER")
+EMAIL_HOST_PASSWORD = env_str("DEX_EMAIL_PASSWORD")
+EMAIL_USE_TLS = env_bool("DEX_EMAIL_USE_TLS", False)
+
+# GET /metrics (runs/metrics.py): Prometheus scrapes with `Authorization: Bearer <this>`; staff may look too.
+DEX_METRICS_TOKEN = env_str("DEX_METRICS_TOKEN")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        # One JSON object a line, with run_id / task / step when logged inside a run (runs/jsonlog.py).
+        "json": {"()": "runs.jsonlog.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": env_choice("DEX_LOG_FORMAT", ("plain", "json"), "plain"),
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("DEX_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}, "pgserver": {"level": "WARNING"}},
 }

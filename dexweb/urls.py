@@ -4,6 +4,7 @@ from django.urls import include, path, re_path
 
 from runs import sse
 from runs.api import api
+from runs.metrics import metrics_view
 
 
 def api_not_found(request: HttpRequest) -> JsonResponse:
@@ -14,6 +15,7 @@ def api_not_found(request: HttpRequest) -> JsonResponse:
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     # Server-sent events are a streaming async view, outside django-ninja (which renders whole responses).
     path("api/runs/<uuid:run_id>/stream", sse.run_stream, name="api-run-stream"),
     path("api/", api.urls),

@@ -34,7 +34,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from agents.registry import UnknownTask, registry
-from runs import realtime
+from runs import alerts, realtime
 from runs.models import Run, RunStatus, StepKind, StepStatus
 from runs.sdk import (
     Cancelled,
@@ -1256,6 +1256,7 @@ def _settle(
     if step_event is not None:
         realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), step_event))
     realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
+    alerts.alerts_run_settled(claim.run_id, status)  # after the settle committed; never raises
     if written.parent_id is not None:
         runs_wake([written.parent_id])  # the parent waits on this child (invoke / map)
     return status

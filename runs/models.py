@@ -103,6 +103,10 @@ class Run(models.Model):
             models.Index(fields=["status", "-id"], name="run_status_idx"),
             models.Index(fields=["task_id", "-id"], name="run_task_idx"),
             GinIndex(fields=["tags"], name="run_tags_idx"),
+            # alerts.alerts_scan: recently failed / timed-out runs that have no alert yet (a lost settle hook).
+            models.Index(
+                fields=["finished_at"], name="run_failed_finished_idx", condition=Q(status__in=["failed", "timed_out"])
+            ),
         ]
 
     def __str__(self) -> str:
@@ -400,3 +404,102 @@ class LlmCacheEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.request_hash[:12]}"
+
+
+# --- alerts (runs/alerts.py) ------------------------------------------------------------------------------------
+
+
+class AlertKind(models.TextChoices):
+    FAILED = "failed", "Run failed"
+    TIMED_OUT = "timed_out", "Run timed out"
+    STUCK = "stuck", "Run waiting too long"
+    TEST = "test", "Test alert"
+
+
+class AlertChannel(models.TextChoices):
+    WEBHOOK = "webhook", "Webhook"
+    EMAIL = "email", "Email"
+
+
+class AlertDestination(models.Model):
+    """Where alerts go, edited in the dashboard (settings and `@task(alerts=...)` add more, not stored here)."""
+
+    kind = models.CharField(max_length=8, choices=AlertChannel.choices)
+    # A URL (webhook) or an email address.
+    target = models.CharField(max_length=500)
+    # Signs webhook bodies (Dex-Signature); generated when left blank.
+    secret = models.CharField(max_length=200, blank=True, default="")
+    # The alert kinds sent here; empty = failed, timed_out and stuck.
+    events = ArrayField(models.CharField(max_length=16), default=list, blank=True)
+    # Only runs of tasks matching this glob (e.g. "billing-*"); empty = every task.
+    task_filter = models.CharField(max_length=200, blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}"
+
+
+class Alert(models.Model):
+    """Something worth telling a person: one per run per kind (the constraint makes raising it idempotent)."""
+
+    run = models.ForeignKey(Run, null=True, blank=True, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(max_length=16, choices=AlertKind.choices)
+    task_id = models.CharField(max_length=200, blank=True, default="")
+    # The JSON body every webhook destination receives (the email says the same in words).
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # alerts.alert_raise: INSERT ... ON CONFLICT on this index is what sends one alert per run and kind.
+            models.UniqueConstraint(fields=["run", "kind"], name="alert_run_kind_uniq"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} alert for run {self.run_id}"
+
+
+class AlertDeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"
+
+
+class AlertDelivery(models.Model):
+    """One alert to one destination. Sent by the `dex.deliver_alert` Celery task, retried with back-off;
+    every attempt is kept in `history`."""
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    destination = models.ForeignKey(
+        AlertDestination, null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries"
+    )
+    channel = models.CharField(max_length=8, choices=AlertChannel.choices)
+    target = models.CharField(max_length=500)
+    status = models.CharField(max_length=10, choices=AlertDeliveryStatus.choices, default=AlertDeliveryStatus.PENDING)
+    attempts = models.IntegerField(default=0)
+    # When the next attempt is due (NULL once delivered or given up); while an attempt is in flight, when it
+    # counts as lost (the sender died) and may be taken again.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    response_status = models.IntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    # [{"attempt", "at", "ok", "status", "error", "ms"}, ...]
+    history = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [models.UniqueConstraint(fields=["alert", "channel", "target"], name="alertdelivery_target_uniq")]
+        indexes = [
+            # alerts.alerts_scan: pending deliveries whose message was lost or whose retry is due.
+            models.Index(fields=["next_attempt_at"], name="alertdelivery_due_idx", condition=Q(status="pending")),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.target} ({self.status})"

@@ -118,6 +118,8 @@ class Task:
     events: list[str] = field(default_factory=list)
     schedule: str | None = None
     budget_usd: float | None = None
+    # Extra alert destinations for this task's runs: webhook URLs and email addresses (runs/alerts.py).
+    alerts: list[str] = field(default_factory=list)
     description: str = ""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -206,6 +208,7 @@ def task(
     events: list[str] | tuple[str, ...] = (),
     schedule: str | None = None,
     budget_usd: float | None = None,
+    alerts: list[str] | tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Task]:
     """Register a function as a Dex task. The function takes the run context first, then its payload."""
     if not id or not isinstance(id, str):
@@ -236,9 +239,30 @@ def task(
             events=list(events),
             schedule=schedule,
             budget_usd=budget_usd,
+            alerts=_alert_targets(alerts),
             description=inspect.getdoc(fn) or "",
         )
         registry.register(t)
         return t
 
     return decorate
+
+
+def parse_alert_target(value: str) -> tuple[str, str]:
+    """An `alerts=[...]` entry as (channel, target): an http(s) URL is a webhook, an address (optionally
+    `mailto:`) an email. Raises ValueError for anything else."""
+    value = value.strip()
+    if value.startswith(("http://", "https://")):
+        return "webhook", value
+    address = value.removeprefix("mailto:")
+    local, at, domain = address.partition("@")
+    if at and local and "." in domain and " " not in address:
+        return "email", address
+    raise ValueError(f"alert destination {value!r} is neither an http(s) URL nor an email address")
+
+
+def _alert_targets(values: list[str] | tuple[str, ...]) -> list[str]:
+    """`alerts=[...]`, checked when the task is defined (a typo fails at import, not at 3 a.m.)."""
+    if isinstance(values, str):
+        raise ValueError("alerts must be a list of webhook URLs and email addresses, not one string")
+    return [parse_alert_target(value)[1] for value in values]

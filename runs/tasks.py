@@ -14,3 +14,15 @@ def execute_run(run_id: str) -> None:
     # restarted) or aged out, as Django does at the start of a request.
     close_old_connections()
     engine.run_execute(run_id)
+
+
+@shared_task(name="dex.deliver_alert", bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def deliver_alert(self, delivery_id: int) -> None:
+    """One attempt at an alert delivery (runs.alerts); a failed one comes back after its back-off."""
+    from runs import alerts
+
+    close_old_connections()
+    attempt = alerts.delivery_send(delivery_id)
+    wait = attempt.retry_in if attempt.retry_in is not None else attempt.not_due
+    if wait is not None:
+        raise self.retry(countdown=wait)

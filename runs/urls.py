@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from runs import views_pages, views_run, views_runs
+from runs import views_alerts, views_pages, views_run, views_runs
 
 urlpatterns = [
     path("", views_runs.run_list, name="run-list"),
@@ -33,6 +33,10 @@ urlpatterns = [
     path("schedules/<int:schedule_id>/", views_pages.schedule_edit, name="schedule-edit"),
     path("schedules/<int:schedule_id>/delete/", views_pages.schedule_remove, name="schedule-delete"),
     path("usage/", views_pages.usage, name="usage"),
+    path("alerts/", views_alerts.alert_list, name="alert-list"),
+    path("alerts/<int:destination_id>/", views_alerts.alert_edit, name="alert-edit"),
+    path("alerts/<int:destination_id>/delete/", views_alerts.alert_delete, name="alert-delete"),
+    path("alerts/<int:destination_id>/test/", views_alerts.alert_test, name="alert-test"),
     path("api-keys/", views_pages.apikey_list, name="apikey-list"),
     path("api-keys/<int:key_id>/revoke/", views_pages.apikey_revoke, name="apikey-revoke"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),

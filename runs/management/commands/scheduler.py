@@ -8,6 +8,8 @@ then enqueues what it changed, after commit;
 4. when the tick statement says a cron schedule is due, fires the due ones (schedules.schedules_fire): one
    run per slot, next_run_at moved to the next slot after now (missed slots are skipped).
 An idle tick is therefore one indexed query.
+5. every DEX_ALERT_SCAN_SECONDS, alerts.alerts_scan: alerts a lost settle hook missed, "stuck" waits, lost
+   alert deliveries (three indexed queries).
 At start-up (and until it succeeds) it first syncs the schedules declared by `@task(schedule=...)`
 (schedules.schedules_sync_from_code). Rows are taken with SKIP LOCKED, so several schedulers may run
 at once and none double-enqueues or double-fires a slot. Time is Postgres's `now()`, never this machine's
@@ -19,13 +21,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connection
 
-from runs import engine, schedules
+from runs import alerts, engine, schedules
 
 log = logging.getLogger("dex.scheduler")
 
@@ -43,6 +46,7 @@ class Command(BaseCommand):
         interval = settings.DEX_SCHEDULER_TICK_SECONDS
         log.info("scheduler started (tick %.2fs, lease %.1fs)", interval, settings.DEX_LEASE_SECONDS)
         synced = False
+        alerts_due = 0.0
         while not stop.is_set():
             try:
                 if not synced:
@@ -53,6 +57,17 @@ class Command(BaseCommand):
                     )
                 result = engine.scheduler_tick()
                 fired = schedules.schedules_fire() if result.schedules_due else []
+                if time.monotonic() >= alerts_due:
+                    alerts_due = time.monotonic() + settings.DEX_ALERT_SCAN_SECONDS
+                    try:
+                        scan = alerts.alerts_scan()
+                    except DatabaseError:
+                        raise
+                    except Exception:  # an alert bug must not stop runs from waking: it scans again later
+                        log.exception("alert scan failed; trying again in %ss", settings.DEX_ALERT_SCAN_SECONDS)
+                    else:
+                        if scan.raised or scan.stuck or scan.resent:
+                            log.info("alerts: raised %d, stuck %d, re-sent %d", scan.raised, scan.stuck, scan.resent)
             except DatabaseError:
                 log.warning("scheduler tick failed; retrying", exc_info=True)
                 connection.close()
