@@ -224,7 +224,7 @@ DEX_ALERT_WEBHOOK_SECRET = env_str("DEX_ALERT_WEBHOOK_SECRET")
 if DEX_ALERT_WEBHOOK_URL and not DEX_ALERT_WEBHOOK_SECRET:
     raise ImproperlyConfigured("DEX_ALERT_WEBHOOK_URL needs DEX_ALERT_WEBHOOK_SECRET: alert webhooks are signed")
 DEX_ALERT_EMAILS = [e.strip() for e in env_str("DEX_ALERT_EMAILS").split(",") if e.strip()]
-# A run waiting for an event or an approval longer than this raises a "stuck" alert.
+# A run waiting for an event or an approval longer than this raises a "stuck" alert (0: never).
 DEX_ALERT_STUCK_SECONDS = env_float("DEX_ALERT_STUCK_SECONDS", 3600.0)
 DEX_ALERT_MAX_ATTEMPTS = env_int("DEX_ALERT_MAX_ATTEMPTS", 6)
 # The n-th retry of a delivery waits initial * 4**(n-1) seconds, at most an hour.

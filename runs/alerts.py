@@ -427,8 +427,10 @@ def alerts_scan(*, batch: int = 200) -> ScanResult:
     with connection.cursor() as cur:
         cur.execute(_SCAN_SQL, params)
         settled = cur.fetchall()
-        cur.execute(_STUCK_SQL, {**params, "stuck": settings.DEX_ALERT_STUCK_SECONDS})
-        stuck = cur.fetchall()
+        stuck = []
+        if settings.DEX_ALERT_STUCK_SECONDS > 0:  # 0 turns "stuck" alerts off
+            cur.execute(_STUCK_SQL, {**params, "stuck": settings.DEX_ALERT_STUCK_SECONDS})
+            stuck = cur.fetchall()
     runs = Run.objects.in_bulk([row[1] for row in settled] + [row[0] for row in stuck])
     for _, run_id, status, _ in settled:
         if run_id in runs and alert_raise(run=runs[run_id], kind=status) is not None:
