@@ -76,15 +76,45 @@ def database_from_url(url: str) -> dict:
     }
 
 
-DEBUG = env_bool("DEX_DEBUG", True)
-SECRET_KEY = env_str("DEX_SECRET_KEY") or ("dev-only-insecure-key-do-not-use-in-production" if DEBUG else "")
+# DEX_ENV=production (README "Deploy"): no defaults for secrets or addresses, no embedded servers, HTTPS only;
+# `manage.py check --deploy` is clean. DEX_DEBUG=false alone only turns debugging off (benchmarks use that).
+PRODUCTION = env_choice("DEX_ENV", ("development", "production"), "development") == "production"
+
+
+def env_required(name: str) -> str:
+    """A variable production can't do without: ImproperlyConfigured naming it when it is unset."""
+    value = env_str(name).strip()
+    if not value:
+        raise ImproperlyConfigured(f"{name} must be set when DEX_ENV=production")
+    return value
+
+
+DEBUG = env_bool("DEX_DEBUG", not PRODUCTION)
+if PRODUCTION and DEBUG:
+    raise ImproperlyConfigured("DEX_DEBUG=true is not allowed when DEX_ENV=production")
+if PRODUCTION:
+    SECRET_KEY = env_required("DEX_SECRET_KEY")
+else:
+    SECRET_KEY = env_str("DEX_SECRET_KEY") or ("dev-only-insecure-key-do-not-use-in-production" if DEBUG else "")
 if not SECRET_KEY:
     raise ImproperlyConfigured("DEX_SECRET_KEY must be set when DEX_DEBUG is false")
-ALLOWED_HOSTS = [h for h in env_str("DEX_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h]
+_hosts = env_required("DEX_ALLOWED_HOSTS") if PRODUCTION else env_str("DEX_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+ALLOWED_HOSTS = [h.strip() for h in _hosts.split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("DEX_CSRF_TRUSTED_ORIGINS").split(",") if o]
 
-DATABASE_URL = env_str("DATABASE_URL")
-REDIS_URL = env_str("REDIS_URL")
+if PRODUCTION:
+    # Behind a TLS-terminating proxy (compose: put one in front of `web`) that sets X-Forwarded-Proto.
+    if env_bool("DEX_SECURE_PROXY_SSL_HEADER", False):
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("DEX_SECURE_SSL_REDIRECT", True)
+    SECURE_HSTS_SECONDS = env_int("DEX_HSTS_SECONDS", 365 * 24 * 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DEX_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("DEX_HSTS_PRELOAD", True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+DATABASE_URL = env_required("DATABASE_URL") if PRODUCTION else env_str("DATABASE_URL")
+REDIS_URL = env_required("REDIS_URL") if PRODUCTION else env_str("REDIS_URL")
 if not DATABASE_URL or not REDIS_URL:
     from dexweb import embedded
 
@@ -163,6 +193,47 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # Serve from the apps' static dirs when collectstatic hasn't run (a fresh clone); STATIC_ROOT when it has.
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns on every start when it is missing
+
+# --- Large outputs (runs/offload.py) and retention (runs/retention.py) ----------------------------------
+
+# A step or run output whose JSON is larger than this goes to the "dex_outputs" storage; the row keeps a reference.
+DEX_OUTPUT_INLINE_MAX_BYTES = env_int("DEX_OUTPUT_INLINE_MAX_BYTES", 64 * 1024)
+DEX_OUTPUT_STORAGE = env_choice("DEX_OUTPUT_STORAGE", ("filesystem", "s3"), "filesystem")
+if DEX_OUTPUT_STORAGE == "s3":
+    # S3 or any S3-compatible store (MinIO, R2, ...) through django-storages; credentials come from boto3's
+    # usual sources (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, an instance role, ...).
+    if not env_str("DEX_S3_BUCKET"):
+        raise ImproperlyConfigured("DEX_S3_BUCKET must be set when DEX_OUTPUT_STORAGE=s3")
+    _output_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env_str("DEX_S3_BUCKET"),
+            "location": env_str("DEX_S3_PREFIX", "dex-outputs"),
+            "endpoint_url": env_str("DEX_S3_ENDPOINT_URL") or None,
+            "region_name": env_str("DEX_S3_REGION") or None,
+            "file_overwrite": True,
+            "default_acl": None,
+        },
+    }
+else:
+    _data_dir = Path(env_str("DEX_DATA_DIR") or BASE_DIR / ".dex")
+    _output_storage = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        # Every web, worker and scheduler process must see the same directory (compose: a shared volume).
+        "OPTIONS": {"location": env_str("DEX_OUTPUT_DIR") or str(_data_dir / "outputs")},
+    }
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "dex_outputs": _output_storage,
+}
+# Finished runs older than this many days are deleted by the scheduler (with their steps, logs and stored
+# outputs); 0 keeps them forever. `manage.py prune_runs` does the same by hand, with filters.
+DEX_RETENTION_DAYS = env_float("DEX_RETENTION_DAYS", 30)
+if DEX_RETENTION_DAYS < 0:
+    raise ImproperlyConfigured(f"DEX_RETENTION_DAYS must be 0 (keep forever) or more, got {DEX_RETENTION_DAYS:g}")
+# How often a scheduler applies DEX_RETENTION_DAYS.
+DEX_RETENTION_INTERVAL_SECONDS = env_float("DEX_RETENTION_INTERVAL_SECONDS", 3600)
 
 # --- Redis: Channels layer and Celery broker --------------------------------------------------------------
 

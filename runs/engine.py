@@ -34,7 +34,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from agents.registry import UnknownTask, registry
-from runs import alerts, realtime
+from runs import alerts, offload, realtime
 from runs.models import Run, RunStatus, StepKind, StepStatus
 from runs.sdk import (
     Cancelled,
@@ -566,11 +566,13 @@ class RunContext:
     def _step_succeeded(self, plan: _StepPlan, value: Any, *, meta: dict | None = None) -> Any:
         try:
             text = encode_output(value, what=f"step {plan.key!r}")
-        except StepOutputError as exc:
+            # A large output goes to the output storage now, before the row that references it commits.
+            stored = offload.offload_text(text, run_id=self._claim.run_id)
+        except (StepOutputError, offload.OutputStorageError) as exc:
             return self._step_failed(plan, exc)
         finished = _now()
         self._pending = (
-            _step_row(plan, status=StepStatus.COMPLETED, output=text, finished=finished, meta=meta),
+            _step_row(plan, status=StepStatus.COMPLETED, output=stored, finished=finished, meta=meta),
             {
                 "key": plan.key,
                 "status": "completed",
@@ -902,7 +904,7 @@ class RunContext:
 
     def _complete_wait(self, plan: _StepPlan, *, output: Any) -> None:
         finished = _now()
-        text = encode_output(output, what=f"step {plan.key!r}")
+        text = offload.offload_text(encode_output(output, what=f"step {plan.key!r}"), run_id=self._claim.run_id)
         self._pending = (
             _step_row(plan, status=StepStatus.COMPLETED, output=text, finished=finished),
             {"key": plan.key, "status": "completed", "kind": plan.kind},
@@ -1174,7 +1176,7 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
                     value = async_to_sync(task.fn)(AsyncRunContext(ctx), **kwargs)
                 else:
                     value = task.fn(ctx, **kwargs)
-            output = encode_output(value, what=f"task {task.id!r}")
+            output = offload.offload_text(encode_output(value, what=f"task {task.id!r}"), run_id=claim.run_id)
         finally:
             _heartbeats.remove(ctx)
     except Parked:

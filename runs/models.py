@@ -16,6 +16,7 @@ from django.db import models
 from django.db.models import Q
 
 from runs.ids import uuid7
+from runs.offload import OutputField
 
 
 class RunStatus(models.TextChoices):
@@ -38,7 +39,8 @@ class Run(models.Model):
     task_id = models.CharField(max_length=200)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     payload = models.JSONField(default=dict, blank=True)
-    output = models.JSONField(null=True, blank=True)
+    # A large output lives in the "dex_outputs" storage and the row keeps a reference (runs/offload.py).
+    output = OutputField(null=True, blank=True, run_attname="id")
     # {"type", "message", "step", "traceback"} for a failed / timed-out run.
     error = models.JSONField(null=True, blank=True)
     tags = ArrayField(models.CharField(max_length=100), default=list, blank=True)
@@ -103,6 +105,12 @@ class Run(models.Model):
             models.Index(fields=["status", "-id"], name="run_status_idx"),
             models.Index(fields=["task_id", "-id"], name="run_task_idx"),
             GinIndex(fields=["tags"], name="run_tags_idx"),
+            # retention.runs_prune: finished runs, oldest first.
+            models.Index(
+                fields=["finished_at"],
+                name="run_finished_idx",
+                condition=Q(status__in=["completed", "failed", "canceled", "timed_out"]),
+            ),
             # alerts.alerts_scan: recently failed / timed-out runs that have no alert yet (a lost settle hook).
             models.Index(
                 fields=["finished_at"], name="run_failed_finished_idx", condition=Q(status__in=["failed", "timed_out"])
@@ -158,7 +166,8 @@ class Step(models.Model):
     # Attempts made in all; `budget_used` counts those since the last manual retry (what Retry limits).
     attempts = models.IntegerField(default=1)
     budget_used = models.IntegerField(default=1)
-    output = models.JSONField(null=True, blank=True)
+    # A large output lives in the "dex_outputs" storage and the row keeps a reference (runs/offload.py).
+    output = OutputField(null=True, blank=True)
     error = models.JSONField(null=True, blank=True)
     # [{"attempt", "started_at", "finished_at", "error": {"type", "message", "traceback"}}, ...]
     history = models.JSONField(default=list, blank=True)

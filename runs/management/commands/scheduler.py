@@ -10,6 +10,8 @@ then enqueues what it changed, after commit;
 An idle tick is therefore one indexed query.
 5. every DEX_ALERT_SCAN_SECONDS, alerts.alerts_scan: alerts a lost settle hook missed, "stuck" waits, lost
    alert deliveries (three indexed queries).
+6. every DEX_RETENTION_INTERVAL_SECONDS (unless DEX_RETENTION_DAYS=0), retention.ScheduledRetention: deletes
+   finished runs older than DEX_RETENTION_DAYS, a few batches a tick while a backlog remains.
 At start-up (and until it succeeds) it first syncs the schedules declared by `@task(schedule=...)`
 (schedules.schedules_sync_from_code). Rows are taken with SKIP LOCKED, so several schedulers may run
 at once and none double-enqueues or double-fires a slot. Time is Postgres's `now()`, never this machine's
@@ -28,7 +30,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connection
 
-from runs import alerts, engine, schedules
+from runs import alerts, engine, retention, schedules
 
 log = logging.getLogger("dex.scheduler")
 
@@ -47,6 +49,7 @@ class Command(BaseCommand):
         log.info("scheduler started (tick %.2fs, lease %.1fs)", interval, settings.DEX_LEASE_SECONDS)
         synced = False
         alerts_due = 0.0
+        scheduled_retention = retention.ScheduledRetention()
         while not stop.is_set():
             try:
                 if not synced:
@@ -68,6 +71,13 @@ class Command(BaseCommand):
                     else:
                         if scan.raised or scan.stuck or scan.resent:
                             log.info("alerts: raised %d, stuck %d, re-sent %d", scan.raised, scan.stuck, scan.resent)
+                try:
+                    scheduled_retention.tick()
+                except DatabaseError:
+                    raise
+                except Exception:
+                    # Retention must never stop the scheduler (a storage outage, say): it tries next interval.
+                    log.exception("retention failed; trying again in %ss", settings.DEX_RETENTION_INTERVAL_SECONDS)
             except DatabaseError:
                 log.warning("scheduler tick failed; retrying", exc_info=True)
                 connection.close()
