@@ -221,6 +221,10 @@ class RunSummaryOut(Schema):
     parent: UUID | None = Field(description="The run that started this one (`ctx.invoke` / `ctx.map`).")
     replay_of: UUID | None = Field(description="The run this one replays.")
     priority: int
+    status_reason: str = Field(
+        description='Why a queued or delayed run waits (flow control), e.g. "waiting for a concurrency slot '
+        '(2/2 running for user_id=42)"; why a debounced run was canceled. Empty otherwise.'
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -142,11 +142,12 @@ def _enqueue(run_id: Any, *, queue: str = "", priority: int = 0) -> None:
     if override is not None:
         override(str(run_id))
         return
+    from runs.flow import broker_priority
     from runs.tasks import execute_run
 
     try:
         execute_run.apply_async(
-            args=[str(run_id)], queue=queue or settings.DEX_DEFAULT_QUEUE, priority=priority or None
+            args=[str(run_id)], queue=queue or settings.DEX_DEFAULT_QUEUE, priority=broker_priority(priority)
         )
     except Exception:
         log.warning("could not enqueue run %s; the scheduler will re-send it", run_id, exc_info=True)
@@ -186,25 +187,60 @@ class Claim:
     claimed_monotonic: float = field(default_factory=time.monotonic)
 
 
-_CLAIM_SQL = """
-UPDATE runs_run
-   SET status = 'running', lease_owner = %(worker)s, lease_token = lease_token + 1,
-       lease_expires_at = now() + make_interval(secs => %(lease)s), claimed_at = now(),
-       started_at = coalesce(started_at, now()), executions = executions + 1, wake_at = NULL
- WHERE id = %(run)s AND status = 'queued'
-RETURNING task_id, payload, lease_token, cancel_requested_at IS NOT NULL, executed_seconds, executions,
-          replay_of_id IS NOT NULL, cost_usd, budget_usd
+_CLAIM_RETURNING = """task_id, payload, lease_token, cancel_requested_at IS NOT NULL, executed_seconds, executions,
+          replay_of_id IS NOT NULL, cost_usd, budget_usd"""
+
+# A run without flow-control limits is claimed by the UPDATE. A limited one (runs/flow.py) is not: the
+# second branch hands back its group (task and keys) for flow.claim_next, still in one round trip.
+_CLAIM_SQL = f"""
+WITH claimed AS (
+  UPDATE runs_run
+     SET status = 'running', lease_owner = %(worker)s, lease_token = lease_token + 1,
+         lease_expires_at = now() + make_interval(secs => %(lease)s), claimed_at = now(),
+         started_at = coalesce(started_at, now()), executions = executions + 1, wake_at = NULL,
+         status_reason = ''
+   WHERE id = %(run)s AND status = 'queued' AND concurrency_key_value IS NULL AND rate_key_value IS NULL
+  RETURNING {_CLAIM_RETURNING})
+SELECT true, NULL::text, NULL::text, * FROM claimed
+UNION ALL
+SELECT false, concurrency_key_value, rate_key_value, task_id, NULL::jsonb, NULL::bigint, NULL::bool,
+       NULL::float, NULL::int, NULL::bool, NULL::numeric, NULL::numeric
+  FROM runs_run
+ WHERE id = %(run)s AND status IN ('queued', 'running')
+   AND (concurrency_key_value IS NOT NULL OR rate_key_value IS NOT NULL)
 """
 
 
 def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
     """Take ownership of a queued run with one statement; None if it isn't ours to run (finished, owned by
-    another live worker, parked). A run whose worker died is re-queued by the scheduler first."""
+    another live worker, parked). A run whose worker died is re-queued by the scheduler first.
+
+    A run of a task with concurrency / rate limits takes a second, locked statement (flow.claim_next), which
+    may claim a better run of the same group instead — or none, leaving them queued, when a limit is reached.
+    """
     with connection.cursor() as cur:
         cur.execute(_CLAIM_SQL, {"run": str(run_id), "worker": worker, "lease": settings.DEX_LEASE_SECONDS})
         row = cur.fetchone()
     if row is None:
         return None
+    claimed, ckey, rkey, *row = row
+    if not claimed:
+        from runs import flow
+
+        task_id = row[0]
+        task = registry.get(task_id) if task_id in registry else None
+        row = flow.claim_next(
+            run_id=run_id,
+            task_id=task_id,
+            ckey=ckey,
+            rkey=rkey,
+            task=task,
+            worker=worker,
+            returning=_CLAIM_RETURNING,
+        )
+        if row is None:
+            return None
+        run_id, *row = row
     task_id, payload, token, cancel_requested, executed, executions, is_replay, cost, budget = row
     if isinstance(payload, str):
         payload = json.loads(payload)
@@ -292,6 +328,8 @@ class Written:
     priority: int
     parent_id: UUID | None
     step_written: bool
+    # The run's concurrency group (flow control); None for a task without a concurrency limit.
+    concurrency_key: str | None = None
 
 
 def _fenced_write(
@@ -324,7 +362,7 @@ def _fenced_write(
         run_set = (run_set or _LEASE_EXTEND) + ", saved_usd = saved_usd + %(saved)s"
         values["saved"] = saved
     owned = "id = %(run)s AND lease_token = %(token)s AND status = 'running'"
-    columns = "id, cancel_requested_at, queue, priority, parent_id"
+    columns = "id, cancel_requested_at, queue, priority, parent_id, concurrency_key_value"
     if run_set is None:
         # A step's commit only has to prove the lease (the heartbeat extends it): lock the run row against a
         # concurrent claim instead of updating it, which spares a new row version and its index entries.
@@ -339,7 +377,10 @@ def _fenced_write(
         sql += _STEP_CTE
         values.update(step)
     written = "(SELECT count(*) FROM step)" if step is not None else "0"
-    sql += f"\nSELECT cancel_requested_at IS NOT NULL, queue, priority, parent_id, {written} FROM lease"
+    sql += (
+        f"\nSELECT cancel_requested_at IS NOT NULL, queue, priority, parent_id, {written}, concurrency_key_value"
+        " FROM lease"
+    )
     try:
         with connection.cursor() as cur:
             cur.execute(sql, values)
@@ -349,7 +390,7 @@ def _fenced_write(
         raise
     if row is None:
         return None
-    result = Written(bool(row[0]), row[1], row[2], row[3], bool(row[4]))
+    result = Written(bool(row[0]), row[1], row[2], row[3], bool(row[4]), row[5])
     if step is not None and not result.step_written:
         # The step is already completed under this very token: only a reused token could do that.
         return None
@@ -1259,6 +1300,8 @@ def _settle(
         realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), step_event))
     realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
     alerts.alerts_run_settled(claim.run_id, status)  # after the settle committed; never raises
+    if written.concurrency_key is not None:
+        _release_slot(claim, written.concurrency_key)
     if written.parent_id is not None:
         runs_wake([written.parent_id])  # the parent waits on this child (invoke / map)
     return status
@@ -1307,8 +1350,22 @@ def run_park(
             Step.objects.filter(run_id=claim.run_id, key=step["s_key"]).update(meta={"children": ids})
     if due:
         _enqueue(claim.run_id, queue=written.queue, priority=written.priority)
+    if written.concurrency_key is not None:
+        _release_slot(claim, written.concurrency_key)
     realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
     return True
+
+
+def _release_slot(claim: Claim, concurrency_key: str) -> None:
+    """The run left `running` (settled or parked): hand its concurrency slot to the group's best queued run.
+    A failure here only delays them: the scheduler re-sends queued runs nobody claimed."""
+    from runs import flow
+
+    task = registry.get(claim.task_id) if claim.task_id in registry else None
+    try:
+        flow.release_slots(task_id=claim.task_id, ckey=concurrency_key, task=task)
+    except DatabaseError:
+        log.warning("run %s: could not hand on its concurrency slot", claim.run_id, exc_info=True)
 
 
 def _children_outcomes(children: list[str]) -> list[dict] | None:
@@ -1450,9 +1507,16 @@ recovered AS (
 stale AS (
   SELECT id FROM runs_run
    WHERE status = 'queued' AND enqueued_at < now() - make_interval(secs => %(stale)s)
+     AND (wake_at IS NULL OR wake_at <= now())  -- a rate-limited run is re-sent when its window opens
    ORDER BY enqueued_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED),
+throttled AS (
+  -- Rate-limited queued runs (flow.claim_next set wake_at) whose window opened.
+  SELECT id FROM runs_run
+   WHERE status = 'queued' AND wake_at <= now()
+   ORDER BY wake_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED),
 resent AS (
-  UPDATE runs_run r SET enqueued_at = now() FROM stale WHERE r.id = stale.id
+  UPDATE runs_run r SET enqueued_at = now(), wake_at = NULL
+    FROM (SELECT id FROM stale UNION SELECT id FROM throttled) AS due_again WHERE r.id = due_again.id
   RETURNING r.id, r.queue, r.priority)
 SELECT 'woken', id, queue, priority FROM woken
 UNION ALL SELECT CASE WHEN status = 'failed' THEN 'dead' ELSE 'recovered' END, id, queue, priority

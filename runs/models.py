@@ -80,6 +80,16 @@ class Run(models.Model):
     # An approved "budget exceeded — continue?" raises the run's own cap above the task's budget_usd.
     budget_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
 
+    # Flow control (runs/flow.py), resolved at trigger time from the task's options and the payload: the
+    # concurrency / rate-limit / debounce key of the run; NULL when the task had no such limit ("" = no key).
+    # NULL and "" mean different things here, hence null=True on text (and the claim tests IS NULL).
+    concurrency_key_value = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    rate_key_value = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    debounce_key_value = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
+    # Why a queued/delayed run waits ("waiting for a concurrency slot (2/2 running for user_id=42)"), or why
+    # a debounced run was canceled. Cleared when the run is claimed.
+    status_reason = models.CharField(max_length=300, blank=True, default="")
+
     class Meta:
         ordering = ["-id"]
         # Viewers read; operators (this permission, given to the "operator" group) act on runs.
@@ -105,6 +115,26 @@ class Run(models.Model):
             models.Index(fields=["status", "-id"], name="run_status_idx"),
             models.Index(fields=["task_id", "-id"], name="run_task_idx"),
             GinIndex(fields=["tags"], name="run_tags_idx"),
+            # flow.claim_next / flow.release_slots: a concurrency group's running runs and best queued run.
+            models.Index(
+                fields=["task_id", "concurrency_key_value", "status"],
+                name="run_concurrency_idx",
+                condition=Q(concurrency_key_value__isnull=False, status__in=["queued", "running"]),
+            ),
+            # flow.claim_next: a rate-limited group's recent starts.
+            models.Index(
+                fields=["task_id", "rate_key_value", "started_at"],
+                name="run_rate_idx",
+                condition=Q(rate_key_value__isnull=False),
+            ),
+            # flow.debounce_trigger: the pending (delayed) run of a debounce key.
+            models.Index(
+                fields=["task_id", "debounce_key_value"],
+                name="run_debounce_idx",
+                condition=Q(debounce_key_value__isnull=False, status="delayed"),
+            ),
+            # engine.scheduler_tick: rate-limited queued runs whose window opened (flow.claim_next set wake_at).
+            models.Index(fields=["wake_at"], name="run_throttled_idx", condition=Q(status="queued")),
             # retention.runs_prune: finished runs, oldest first.
             models.Index(
                 fields=["finished_at"],

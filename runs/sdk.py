@@ -112,6 +112,8 @@ class Task:
     concurrency_key: str | None = None
     rate_limit: tuple[int, float] | None = None
     rate_key: str | None = None
+    debounce: float | None = None
+    debounce_key: str | None = None
     priority: int = 0
     queue: str | None = None
     idempotency_ttl: float | None = None
@@ -202,6 +204,8 @@ def task(
     concurrency_key: str | None = None,
     rate_limit: tuple[int, timedelta | float] | None = None,
     rate_key: str | None = None,
+    debounce: timedelta | float | None = None,
+    debounce_key: str | None = None,
     priority: int = 0,
     queue: str | None = None,
     idempotency_ttl: timedelta | float | None = None,
@@ -210,11 +214,38 @@ def task(
     budget_usd: float | None = None,
     alerts: list[str] | tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Task]:
-    """Register a function as a Dex task. The function takes the run context first, then its payload."""
+    """Register a function as a Dex task. The function takes the run context first, then its payload.
+
+    Flow control (enforced in Postgres when a run is claimed, across all workers; see runs/flow.py):
+
+    - `concurrency=N`: at most N runs of the task execute at once; with `concurrency_key="user_id"` (a
+      dotted path into the payload) at most N *per key*. A parked run (sleep, wait) holds no slot. Runs over
+      the limit stay queued without holding a worker and start as slots free up, highest `priority` first.
+    - `rate_limit=(n, period)`: at most n runs *start* in any `period`-long window (sliding window; `period`
+      a timedelta or seconds), per `rate_key` (default: `concurrency_key`) if given. Runs over the limit wait
+      queued until the window allows them — they are delayed, never dropped (Inngest calls this "throttle").
+    - `debounce=period` (a timedelta or seconds), per `debounce_key` if given: a trigger waits out `period`
+      of quiet; a later trigger of the same key within it supersedes it (the earlier run ends `canceled`,
+      saying which run replaced it), so only the last trigger's payload runs. Child runs (`ctx.invoke`) are
+      never debounced: their parent waits on them.
+    - `priority` (int, higher first; a trigger may override it): orders the claim among runs waiting for a
+      slot, and sets the broker message priority.
+    - `queue`: the Celery queue of the task's runs (`celery -A dexweb worker -Q agents` serves it).
+    """
     if not id or not isinstance(id, str):
         raise ValueError("a task needs a non-empty string id")
     if concurrency is not None and concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if concurrency_key and concurrency is None:
+        raise ValueError("concurrency_key needs concurrency=N (the limit per key)")
+    if rate_key and rate_limit is None:
+        raise ValueError("rate_key needs rate_limit=(n, period)")
+    if debounce_key and debounce is None:
+        raise ValueError("debounce_key needs debounce=period")
+    if rate_limit is not None and (
+        not isinstance(rate_limit, tuple | list) or len(rate_limit) != 2 or int(rate_limit[0]) < 1
+    ):
+        raise ValueError("rate_limit must be (n, period) with n ≥ 1, e.g. (5, timedelta(seconds=10))")
 
     def decorate(fn: Callable[..., Any]) -> Task:
         from agents.registry import registry
@@ -233,6 +264,8 @@ def task(
             concurrency_key=concurrency_key,
             rate_limit=limit,
             rate_key=rate_key,
+            debounce=_seconds(debounce, "debounce"),
+            debounce_key=debounce_key,
             priority=priority,
             queue=queue,
             idempotency_ttl=_seconds(idempotency_ttl, "idempotency_ttl"),

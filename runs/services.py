@@ -15,7 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from agents.registry import registry
-from runs import engine, realtime
+from runs import engine, flow, realtime
 from runs.models import ApiKey, Run, RunStatus
 
 
@@ -63,12 +63,23 @@ def run_trigger(
                 return existing, False
         ttl = task.idempotency_ttl or settings.DEX_IDEMPOTENCY_TTL_SECONDS
         delayed = bool(delay and delay > 0)
+        wake_at = now + timedelta(seconds=delay) if delayed else None
+        # Debounce: this trigger supersedes the pending one of its key (a child run is never debounced:
+        # its parent waits on it).
+        debounce_key, superseded, reason = None, [], ""
+        if task.debounce and parent is None:
+            debounce_key, starts_at, superseded = flow.debounce_trigger(task=task, payload=stored, now=now)
+            delayed, wake_at = True, max(wake_at or starts_at, starts_at)
+            reason = flow.debounce_reason(task, debounce_key, wake_at)
         run = Run.objects.create(
             task_id=task_id,
             payload=stored,
             status=RunStatus.DELAYED if delayed else RunStatus.QUEUED,
-            wake_at=now + timedelta(seconds=delay) if delayed else None,
+            wake_at=wake_at,
             enqueued_at=None if delayed else now,
+            debounce_key_value=debounce_key,
+            status_reason=reason,
+            **flow.trigger_fields(task, stored),
             tags=list(tags or []),
             priority=task.priority if priority is None else priority,
             queue=task.queue or settings.DEX_DEFAULT_QUEUE,
@@ -77,6 +88,7 @@ def run_trigger(
             parent=parent,
             replay_of=replay_of,
         )
+        flow.debounce_supersede(superseded=superseded, by=run)
         if not delayed:
             engine.enqueue_on_commit(run.id, queue=run.queue, priority=run.priority)
         realtime.publish_on_commit(realtime.run_changed(run.id, run.status, task=task_id), to_runs_list=True)
@@ -150,6 +162,7 @@ def run_fork(*, run: Run, step_key: str, output: Any = _UNCHANGED) -> Run:
             queue=run.queue,
             replay_of=run,
             enqueued_at=timezone.now(),
+            **(flow.trigger_fields(registry.get(run.task_id), run.payload) if run.task_id in registry else {}),
             metadata={"forked_from": {"run": str(run.id), "step": step_key, "edited": output is not _UNCHANGED}},
         )
         Step.objects.bulk_create(

@@ -78,7 +78,7 @@ def _seed() -> None:
 
 def test_it_reports_runs_queues_steps_cost_and_alerts(client: Client, django_assert_max_num_queries) -> None:
     _seed()
-    with django_assert_max_num_queries(6):
+    with django_assert_max_num_queries(5):
         m = _scrape(client)
 
     assert m[("dex_runs", (("status", "queued"), ("task", "research")))] == 2
@@ -86,9 +86,10 @@ def test_it_reports_runs_queues_steps_cost_and_alerts(client: Client, django_ass
     assert m[("dex_runs", (("status", "running"), ("task", "research")))] == 1
     assert m[("dex_runs", (("status", "waiting"), ("task", "research")))] == 1
     assert m[("dex_runs", (("status", "delayed"), ("task", "mailer")))] == 1
-    assert m[("dex_runs_finished", (("status", "completed"),))] == 3
-    assert m[("dex_runs_finished", (("status", "failed"),))] == 1
-    assert m[("dex_runs_finished", (("status", "timed_out"),))] == 0
+    assert m[("dex_runs_created_24h", (("status", "completed"), ("task", "mailer")))] == 3
+    assert m[("dex_runs_created_24h", (("status", "failed"), ("task", "mailer")))] == 1
+    assert m[("dex_runs_created_24h", (("status", "queued"), ("task", "research")))] == 2
+    assert ("dex_runs_created_24h", (("status", "completed"), ("task", "research"))) not in m
     assert m[("dex_parked_runs", ())] == 2
 
     assert m[("dex_queue_depth", (("queue", "agents"),))] == 2
@@ -107,7 +108,7 @@ def test_it_reports_runs_queues_steps_cost_and_alerts(client: Client, django_ass
 def test_an_empty_database_scrapes_cleanly(client: Client) -> None:
     m = _scrape(client)
     assert m[("dex_parked_runs", ())] == 0
-    assert m[("dex_runs_finished", (("status", "failed"),))] == 0
+    assert not any(name == "dex_runs_created_24h" for name, _ in m)
 
 
 def test_it_refuses_anyone_else(client: Client, settings) -> None:

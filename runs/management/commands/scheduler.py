@@ -4,6 +4,7 @@ Each tick is one statement (engine.scheduler_tick) that:
 1. wakes waiting/delayed runs whose `wake_at` has passed (sleeps, retry back-off, wait timeouts);
 2. re-queues running runs whose lease expired (their worker died), dead-lettering past DEX_MAX_RECOVERIES;
 3. re-sends the wake-up of queued runs nobody claimed for DEX_REQUEUE_STALE_SECONDS (a lost message);
+   and of rate-limited queued runs whose window opened (their `wake_at`, set by flow.claim_next);
 then enqueues what it changed, after commit;
 4. when the tick statement says a cron schedule is due, fires the due ones (schedules.schedules_fire): one
    run per slot, next_run_at moved to the next slot after now (missed slots are skipped).
