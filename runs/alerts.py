@@ -231,6 +231,16 @@ class DeliveryFailed(Exception):
         self.status = status
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed delivery (with its status), not a silent re-POST-as-GET somewhere else."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirects)
+
+
 def _secret_for(delivery: AlertDelivery) -> str:
     if delivery.destination is not None and delivery.destination.secret:
         return delivery.destination.secret
@@ -251,7 +261,7 @@ def _send_webhook(delivery: AlertDelivery) -> int:
         headers[SIGNATURE_HEADER] = signature_header(secret, body)
     request = urllib.request.Request(delivery.target, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=settings.DEX_ALERT_TIMEOUT_SECONDS) as response:
+        with _opener.open(request, timeout=settings.DEX_ALERT_TIMEOUT_SECONDS) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         excerpt = exc.read(_MAX_RESPONSE_EXCERPT).decode(errors="replace").strip()

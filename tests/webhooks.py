@@ -29,6 +29,8 @@ class Receiver:
                     receiver.requests.append(Received(self.path, dict(self.headers.items()), body))
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
                 self.wfile.write(b"ok" if status < 300 else b"receiver is down")

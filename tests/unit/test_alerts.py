@@ -184,6 +184,15 @@ def test_it_gives_up_after_the_max_attempts(settings) -> None:
     assert "could not reach" in delivery.last_error and len(delivery.history) == 2
 
 
+def test_a_redirect_is_a_failed_attempt_not_a_silent_get_elsewhere() -> None:
+    with Receiver([302]) as moved:
+        AlertDestination.objects.create(kind="webhook", target=moved.url, secret=SECRET)
+        delivery = alerts.alert_raise(run=_failed_run(), kind=AlertKind.FAILED).deliveries.get()
+        attempt = alerts.delivery_send(delivery.pk)
+    assert not attempt.ok and attempt.delivery.response_status == 302
+    assert moved.count() == 1  # nothing followed the Location
+
+
 def test_signatures_expire() -> None:
     header = alerts.signature_header(SECRET, b"{}", timestamp=1_000_000)
     assert alerts.signature_verify(SECRET, header, b"{}", now=1_000_100)
