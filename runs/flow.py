@@ -12,9 +12,10 @@ How it works (the engine calls in here; runs.engine stays the one module that mo
    message named, so priority orders the claim whatever order the messages arrive in. The lock is taken in a
    statement of its own, before the counting statement, so the count's snapshot sees every earlier claim.
 3. Over a limit, nothing is claimed and the worker returns at once; the group's queued runs get a
-   `status_reason` (shown in the dashboard) and, for a rate limit, a `wake_at` when the window allows the next
-   start: the scheduler re-sends them then. A concurrency slot is handed on when a running run of the group
-   settles or parks (`release_slots`); the scheduler's re-send of queued runs nobody claimed is the backstop.
+   `status_reason` (shown in the dashboard). A concurrency slot is handed on when a running run of the group
+   settles or parks (`release_slots`). For a rate limit, the runs that fit the next window get a `wake_at`
+   when it opens and the scheduler re-sends them then; each start passes the turn to the group's next run.
+   The scheduler's re-send of queued runs nobody claimed is the backstop for lost wake-ups.
 4. Debounce (`debounce_trigger`): a trigger replaces the task's delayed run of the same debounce key, which
    ends `canceled` with the reason "superseded"; the new run is delayed by the debounce period, so only the
    last trigger of a quiet period runs, with its payload.
@@ -194,22 +195,50 @@ def claim_next(
         cur.execute(_CLAIM_NEXT_SQL.format(returning=returning), params)
         row = cur.fetchone()
         if row is not None:
+            if params["rlimit"] is not None:
+                # Pass the turn on: the group's next run tries now, and if the window is full its refusal
+                # schedules the next ones — a few messages per window, not one per queued run.
+                _wake_best(cur, params, limit=1)
             return row
         cur.execute(_GROUP_STATE_SQL, params)
         running, window_opens = cur.fetchone()
         reason, wake_at = _refusal(task, params, running=running, window_opens=window_opens)
         if reason:
-            # Only rows whose reason changes are written: a long queue isn't rewritten on every refusal.
+            # Only rows whose reason changes are written, so a long queue isn't rewritten on every refusal
+            # (the reasons below don't change from one refusal to the next).
             cur.execute(
-                """UPDATE runs_run SET status_reason = %(reason)s, wake_at = %(wake_at)s, enqueued_at = now()
-                    WHERE task_id = %(task)s AND status = 'queued'
-                      AND concurrency_key_value IS NOT DISTINCT FROM %(ckey)s
-                      AND rate_key_value IS NOT DISTINCT FROM %(rkey)s
-                      AND (status_reason <> %(reason)s OR wake_at IS DISTINCT FROM %(wake_at)s)""",
-                {**params, "reason": reason, "wake_at": wake_at},
+                f"""UPDATE runs_run SET status_reason = %(reason)s, enqueued_at = now()
+                     WHERE {_GROUP_QUEUED} AND status_reason <> %(reason)s""",
+                {**params, "reason": reason},
+            )
+        if wake_at is not None:
+            # The runs that can start when the window opens (no more) get re-sent then by the scheduler,
+            # with the time in their reason.
+            cur.execute(
+                f"""UPDATE runs_run SET wake_at = %(wake_at)s, enqueued_at = now(),
+                           status_reason = %(reason)s || ' until ' || %(until)s
+                     WHERE id IN (SELECT id FROM runs_run WHERE {_GROUP_QUEUED}
+                                   ORDER BY priority DESC, id LIMIT %(rlimit)s)
+                       AND wake_at IS DISTINCT FROM %(wake_at)s""",
+                {**params, "reason": reason, "wake_at": wake_at, "until": _hhmmss(wake_at)},
             )
     _publish_waiting(run_id)
     return None
+
+
+_GROUP_QUEUED = """task_id = %(task)s AND status = 'queued'
+    AND concurrency_key_value IS NOT DISTINCT FROM %(ckey)s AND rate_key_value IS NOT DISTINCT FROM %(rkey)s"""
+
+
+def _wake_best(cur: Any, params: dict, *, limit: int) -> None:
+    from runs import engine
+
+    cur.execute(
+        f"SELECT id, queue, priority FROM runs_run WHERE {_GROUP_QUEUED} ORDER BY priority DESC, id LIMIT %(n)s",
+        {**params, "n": limit},
+    )
+    for run_id, queue, priority in cur.fetchall():
+        engine.enqueue_on_commit(run_id, queue=queue, priority=priority)
 
 
 def _refusal(task: Task | None, params: dict, *, running: int, window_opens: datetime | None) -> tuple[str, Any]:
@@ -222,7 +251,7 @@ def _refusal(task: Task | None, params: dict, *, running: int, window_opens: dat
         path = (task.rate_key or task.concurrency_key) if task else None
         where = _describe_key(path, params["rkey"] or "")
         period = f"{params['period']:g}s"
-        return f"rate limited ({rlimit} per {period}{where}) until {_hhmmss(window_opens)}", window_opens
+        return f"rate limited ({rlimit} per {period}{where})", window_opens
     return "", None
 
 

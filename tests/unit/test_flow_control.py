@@ -108,6 +108,20 @@ def test_a_rate_limited_run_waits_until_its_window_and_the_scheduler_resends_it(
     assert sixth.wake_at is None and sent == []  # enqueued on commit of the test's transaction
 
 
+def test_only_the_runs_that_fit_the_next_window_are_scheduled_for_it(django_capture_on_commit_callbacks):
+    runs = [trigger("t-flow-rate", {"n": n}) for n in range(12)]
+    sent: list[str] = []
+    with engine.enqueue_to(sent.append), django_capture_on_commit_callbacks(execute=True):
+        assert engine.run_claim(runs[0].id, worker="w").run_id == runs[0].id
+    assert sent == [str(runs[1].id)]  # a start passes the turn to the next run of the group
+    for run in runs[1:5]:
+        assert engine.run_claim(run.id, worker="w") is not None
+    assert engine.run_claim(runs[11].id, worker="w") is None
+    waiting = list(Run.objects.filter(pk__in=[r.pk for r in runs[5:]]).order_by("id"))
+    assert all(r.wake_at is not None and " until " in r.status_reason for r in waiting[:5])
+    assert [(r.wake_at, r.status_reason) for r in waiting[5:]] == [(None, "rate limited (5 per 2s)")] * 2
+
+
 def test_a_resumed_run_is_not_a_new_start_for_the_rate_limit():
     runs = [trigger("t-flow-rate", {"n": n}) for n in range(5)]
     for run in runs:
