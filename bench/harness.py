@@ -215,11 +215,22 @@ class BenchEnv:
         host = url_host(self.database_url)
         return host.startswith("/") or host in ("", "127.0.0.1", "localhost", "::1")
 
-    def start_worker(self, *, concurrency: int = 1, name: str = "worker") -> Worker:
-        worker = Worker(self, name=name, concurrency=concurrency)
+    def start_worker(self, *, concurrency: int = 1, name: str = "worker", env: dict[str, str] | None = None) -> Worker:
+        """A Celery worker on the bench's queue (`env` is added to its environment), stopped with the scenario."""
+        worker = Worker(self, name=name, concurrency=concurrency, env_extra=env)
         self.stack.callback(worker.stop)
         worker.start()
         return worker
+
+    def start_scheduler(self, *, name: str = "scheduler", env: dict[str, str] | None = None) -> Process:
+        """The bench's own `manage.py scheduler` (wakes due runs, recovers runs of dead workers), stopped with
+        the scenario."""
+        proc = Process(
+            self, name, [sys.executable, "manage.py", "scheduler"], env={"DEX_LOG_LEVEL": "INFO", **(env or {})}
+        )
+        self.stack.callback(proc.stop)
+        proc.start(ready="scheduler started")
+        return proc
 
 
 def bootstrap(sizes: Sizes, stack: contextlib.ExitStack) -> BenchEnv:
@@ -251,7 +262,7 @@ def bootstrap(sizes: Sizes, stack: contextlib.ExitStack) -> BenchEnv:
             "REDIS_URL": redis_url,
             "DEX_DEFAULT_QUEUE": queue,
             "DEX_CHANNEL_PREFIX": queue,
-            "DEX_AGENT_MODULES": "bench.agents",
+            "DEX_AGENT_MODULES": "bench.agents,bench.scenario_agents",
             "DEX_BENCH_SESSION": session,
             "DJANGO_SETTINGS_MODULE": "dexweb.settings",
             "PYTHONUNBUFFERED": "1",
@@ -314,10 +325,11 @@ def stop_publisher() -> None:
 class Worker:
     """A real `celery worker` on the bench's queue, in its own process group; stopped on exit."""
 
-    def __init__(self, env: BenchEnv, *, name: str, concurrency: int):
+    def __init__(self, env: BenchEnv, *, name: str, concurrency: int, env_extra: dict[str, str] | None = None):
         self.env = env
         self.name = name
         self.concurrency = concurrency
+        self.env_extra = env_extra or {}
         self.log_path = env.workdir / f"{name}.log"
         self.popen: subprocess.Popen | None = None
 
@@ -345,7 +357,12 @@ class Worker:
         ]
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
-                args, cwd=ROOT, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                args,
+                cwd=ROOT,
+                env={**os.environ, **self.env_extra},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while "ready." not in self.log():
@@ -378,6 +395,53 @@ class Worker:
         # Pool children left in the group (they exit with the parent, but make sure).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+class Process:
+    """Any other long-running process of the bench (scheduler, daphne), in its own process group, its output in
+    the work dir; `stop()` ends the group (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, bench: BenchEnv, name: str, args: list[str], *, env: dict[str, str] | None = None):
+        self.bench = bench
+        self.name = name
+        self.args = args
+        self.env_extra = env or {}
+        self.log_path = bench.workdir / f"{name}.log"
+        self.popen: subprocess.Popen | None = None
+
+    def start(self, *, ready: str, timeout: float = 60) -> Process:
+        with open(self.log_path, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.args,
+                cwd=ROOT,
+                env={**os.environ, **self.env_extra},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while ready not in self.log():
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        log(f"{self.name} ready (pid {self.popen.pid})")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=20)
 
 
 # --- Postgres counters ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     uv run python bench/run.py                 # every scenario, full sizes (may take 30 minutes)
     uv run python bench/run.py --quick         # what a reviewer runs: under 5 minutes
     uv run python bench/run.py --only step_overhead
+    uv run python bench/report.py bench/results/latest.json   # README table + docs/bench.svg from saved results
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres REDIS_URL=redis://127.0.0.1:6379/0 \\
         uv run python bench/run.py --quick     # against servers instead of the embedded ones
 
@@ -10,6 +11,9 @@ With no DATABASE_URL the embedded Postgres and Redis under .dex/ are used (start
 creates and uses its own databases on that server (`dex_bench`, `dex_bench_dbos`; `DEX_BENCH_DATABASE`
 renames them), its own Celery queue and Channels prefix, and stops every process it starts.
 Benchmarks are not tests: nothing here asserts a time; goals are reported as met or not.
+After a run that wrote the default result file (not --tiny), bench/report.py regenerates README.md's results
+table and docs/bench.svg; each scenario's result is also kept in bench/results/<scenario>.json, so `--only X`
+replaces X's figures and keeps the others'.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this scenario (repeatable)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result file (default {DEFAULT_OUT})")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument(
+        "--no-report",
+        action="store_true",
+        help="don't regenerate README.md's tables and docs/bench.svg (done by default after a run that wrote "
+        "the default result file, except at --tiny sizes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,11 +82,21 @@ def main(argv: list[str] | None = None) -> int:
                     harness.dump_logs(env)
                     raise
             result["when"] = _now()
+            result["machine"] = machine
+            result["sizes_name"] = sizes.name
             results[module.NAME] = result
             _write(args.out, machine, sizes.name, config, results)
+            if sizes.name != "tiny":
+                # One file per scenario beside the result file: the report merges the newest of each.
+                _write_scenario(args.out.parent / f"{module.NAME}.json", module.NAME, result)
             _summary(module.NAME, result)
         env.stack = stack
         harness.log(f"done in {time.monotonic() - started:.0f} s; wrote {args.out}")
+    if not args.no_report and sizes.name != "tiny" and args.out.resolve() == DEFAULT_OUT.resolve():
+        from bench import report
+
+        report.render(args.out)
+        harness.log(f"wrote {report.README.name} (between its bench markers) and {report.SVG.relative_to(ROOT)}")
     return 0
 
 
@@ -104,6 +124,13 @@ def _write(out: Path, machine: str, sizes: str, config: dict, results: dict[str,
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     tmp.replace(out)
+
+
+def _write_scenario(path: Path, name: str, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"scenario": name, "result": result}, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _summary(name: str, result: dict) -> None:

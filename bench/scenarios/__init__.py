@@ -10,6 +10,11 @@ SCENARIOS: dict[str, str] = {
     "step_overhead": "bench.scenarios.step_overhead",
     "parked": "bench.scenarios.parked",
     "llm_savings": "bench.scenarios.llm_savings",
+    "throughput": "bench.scenarios.throughput",
+    "resume": "bench.scenarios.resume",
+    "realtime": "bench.scenarios.realtime",
+    "dashboard": "bench.scenarios.dashboard",
+    "faults": "bench.scenarios.faults",
 }
 
 
