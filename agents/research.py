@@ -6,16 +6,22 @@ into paragraphs and ranked with BM25, so searching needs no network and gives th
 
 Runs offline against the local LLM server (`manage.py llm-server`, or the test suite's in-process one) and for
 real with an API key: the model is "gpt-5-mini", failing over to "claude-haiku".
+
+Pages on the web can be added with `urls`: each is fetched by `fetch_url`, a tool (also usable with
+`ctx.ai.run_tools`) that refuses private, loopback and link-local addresses, on every redirect too
+(runs.safe_fetch): a URL an LLM or a user typed must not reach the server's own network (SSRF).
 """
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from collections import Counter
 from datetime import timedelta
 from functools import lru_cache
 
+from runs import safe_fetch
 from runs.sdk import Retry, task
 
 MODEL = "gpt-5-mini"
@@ -23,6 +29,8 @@ FALLBACKS = ["claude-haiku"]
 PASSAGES_PER_QUERY = 3
 EXCERPT_CHARS = 600
 MAX_DEPTH = 8
+PAGE_CHARS = 4000
+MAX_URLS = 5
 
 _WORD = re.compile(r"[a-z_][a-z0-9_]*")
 _STOPWORDS = frozenset(
@@ -179,14 +187,52 @@ def search_docs(query: str) -> dict:
     return {"query": query, "hits": corpus().search(query)}
 
 
+# --- fetching pages from the web --------------------------------------------------------------------------
+
+_INVISIBLE = re.compile(r"<(script|style|noscript|template)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"[ \t\r\f\v]+")
+
+
+def page_text(text: str, content_type: str) -> str:
+    """The readable text of a fetched page: an HTML page without its markup, scripts and styles."""
+    if "html" in content_type.lower() or text.lstrip()[:15].lower().startswith(("<!doctype html", "<html")):
+        text = html.unescape(_TAG.sub(" ", _INVISIBLE.sub(" ", text)))
+    lines = (_SPACE.sub(" ", line).strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def fetch_url(url: str) -> dict:
+    """Fetch a public web page (http or https) and return its text (at most 4000 characters). Addresses on
+    private networks, loopback and link-local ones (e.g. 169.254.169.254) are refused, on redirects too."""
+    try:
+        page = safe_fetch.fetch(url)
+    except safe_fetch.FetchError as exc:
+        # An answer the model can read and act on, not a failed step: the URL is simply not available.
+        return {"url": url, "error": str(exc)}
+    text = page_text(page.text, page.content_type)
+    return {
+        "url": page.url,
+        "status": page.status,
+        "text": text[:PAGE_CHARS],
+        "truncated": page.truncated or len(text) > PAGE_CHARS,
+    }
+
+
+TOOLS = [search_docs, fetch_url]
+
+
 # --- summarising ------------------------------------------------------------------------------------------
 
 
-def report_messages(topic: str, results: list[dict]) -> list[dict]:
+def report_messages(topic: str, results: list[dict], pages: list[dict] | None = None) -> list[dict]:
     blocks = []
     for result in results:
         for hit in result["hits"]:
             blocks.append(f"[{hit['topic']}] (for “{result['query']}”)\n{hit['passage']}")
+    for page in pages or ():
+        body = page["text"] if "text" in page else f"(not available: {page['error']})"
+        blocks.append(f"[{page['url']}] (web page)\n{body}")
     context = "\n\n".join(blocks) or "(no passages found)"
     return [
         {
@@ -227,10 +273,11 @@ def with_citations(text: str, sources: list[dict]) -> str:
     max_duration=timedelta(minutes=30),
     concurrency=5,
 )
-def research_agent(ctx, topic: str, depth: int = 3) -> dict:
+def research_agent(ctx, topic: str, depth: int = 3, urls: list[str] | None = None) -> dict:
     """Researches `topic` in the Python language reference bundled with the interpreter: an LLM plans
     `depth` search queries, each is searched (BM25 over the reference's paragraphs), and the LLM writes a
-    report from the passages found, streamed live, citing the topics it used."""
+    report from the passages found, streamed live, citing the topics it used. Public web pages given in
+    `urls` (at most 5) are read too."""
     depth = max(1, min(int(depth), MAX_DEPTH))
     ctx.set_metadata("progress", {"stage": "plan"})
     plan = ctx.ai.infer("plan", model=MODEL, fallbacks=FALLBACKS, messages=plan_messages(topic, depth))
@@ -243,10 +290,15 @@ def research_agent(ctx, topic: str, depth: int = 3) -> dict:
         results.append(ctx.step("search", search_docs, query, retry=Retry(attempts=2, initial=0.5)))
     ctx.set_metadata("progress", {"stage": "search", "done": len(queries), "of": len(queries)})
 
+    pages = [ctx.step("fetch", fetch_url, url) for url in (urls or [])[:MAX_URLS]]
+
     ctx.set_metadata("progress", {"stage": "summarise"})
     report = ctx.ai.infer(
-        "summarise", model=MODEL, fallbacks=FALLBACKS, messages=report_messages(topic, results), stream=True
+        "summarise", model=MODEL, fallbacks=FALLBACKS, messages=report_messages(topic, results, pages), stream=True
     )
     sources = collect_sources(results)
     ctx.set_metadata("progress", {"stage": "done", "sources": len(sources)})
-    return {"report": with_citations(report.text, sources), "sources": sources, "queries": queries}
+    out = {"report": with_citations(report.text, sources), "sources": sources, "queries": queries}
+    if urls:
+        out["pages"] = [{k: v for k, v in page.items() if k != "text"} for page in pages]
+    return out

@@ -143,6 +143,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "runs.security_headers.security_headers_middleware",
     # Static files (htmx, its ws extension, our css) from daphne itself, DEBUG or not: no proxy needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "runs.middleware.ApiBodyLimitMiddleware",
@@ -276,6 +277,12 @@ DEX_REQUEUE_STALE_SECONDS = env_float("DEX_REQUEUE_STALE_SECONDS", 60.0)
 DEX_MAX_RECOVERIES = env_int("DEX_MAX_RECOVERIES", 5)
 DEX_MAX_PAYLOAD_BYTES = env_int("DEX_MAX_PAYLOAD_BYTES", 1024 * 1024)
 DEX_MAX_STEP_OUTPUT_BYTES = env_int("DEX_MAX_STEP_OUTPUT_BYTES", 1024 * 1024)
+# Security (README "Security"): API rate limits ("N/PERIOD"; "off" disables), websocket frame cap, CSP.
+DEX_API_RATE_LIMIT = env_str("DEX_API_RATE_LIMIT", "600/60s")
+DEX_API_AUTH_FAILURE_LIMIT = env_str("DEX_API_AUTH_FAILURE_LIMIT", "60/60s")
+DEX_RATE_LIMIT_PREFIX = env_str("DEX_RATE_LIMIT_PREFIX", "dex")
+DEX_MAX_WS_MESSAGE_BYTES = env_int("DEX_MAX_WS_MESSAGE_BYTES", 64 * 1024)
+DEX_CONTENT_SECURITY_POLICY = env_str("DEX_CONTENT_SECURITY_POLICY")
 DEX_DEFAULT_QUEUE = env_str("DEX_DEFAULT_QUEUE", "dex")
 CELERY_TASK_DEFAULT_QUEUE = DEX_DEFAULT_QUEUE
 # Redis hands an unacked message out again after the visibility timeout: keep it far above the lease so

@@ -29,8 +29,8 @@ from ninja.parser import Parser
 from ninja.security import HttpBearer
 
 from agents.registry import UnknownTask, registry
-from runs import selectors, services
-from runs.models import ApiKey, Run, RunStatus, StepKind, StepStatus
+from runs import apiauth, selectors, services
+from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatus
 from runs.sdk import Task
 from runs.services import RunStateError
 from runs.waits import WaitpointError as _WaitpointError
@@ -41,24 +41,26 @@ log = logging.getLogger(__name__)
 
 
 class ApiKeyAuth(HttpBearer):
-    """`Authorization: Bearer <api key>`: the key's hash must match a key that isn't revoked."""
+    """`Authorization: Bearer <api key>`: a live, unexpired key holding the endpoint's `scope`, within its
+    rate limit (runs.apiauth). `scope=None` demands every scope, so an endpoint that forgets to declare one
+    is closed rather than open."""
+
+    def __init__(self, scope: str | None = None):
+        super().__init__()
+        self.scope = scope
 
     def __call__(self, request: HttpRequest) -> ApiKey:
         # HttpBearer.__call__ answers every failure with the same bare 401; a client deserves to know
-        # whether the header is missing, malformed, or names a bad key.
-        header = request.headers.get("Authorization", "")
-        if not header:
-            raise AuthenticationError(message="missing API key: send the header `Authorization: Bearer <key>`")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError(message="the Authorization header must read `Bearer <key>`")
-        return self.authenticate(request, token.strip())
+        # whether the header is missing, malformed, names a bad or expired key, or lacks a scope.
+        return apiauth.authenticate(request, scope=self.scope)
 
-    def authenticate(self, request: HttpRequest, token: str) -> ApiKey:
-        key = services.apikey_authenticate(secret=token)
-        if key is None:
-            raise AuthenticationError(message="invalid or revoked API key")
-        return key
+    def authenticate(self, request: HttpRequest, token: str) -> ApiKey:  # pragma: no cover - __call__ overrides
+        return apiauth.authenticate(request, scope=self.scope)
+
+
+def scoped(scope: ApiKeyScope) -> ApiKeyAuth:
+    """The auth of an endpoint that needs `scope`."""
+    return ApiKeyAuth(scope.value)
 
 
 def _refuse_json_constant(name: str) -> NoReturn:
@@ -414,8 +416,9 @@ api = NinjaAPI(
 
 
 def _errors(*codes: int) -> dict[int, type[ErrorOut]]:
-    """Error statuses an endpoint documents (401 for all: every endpoint needs a key)."""
-    return dict.fromkeys((401, *codes), ErrorOut)
+    """Error statuses an endpoint documents (401, 403 and 429 for all: every endpoint needs a key, with a
+    scope, within its rate limit)."""
+    return dict.fromkeys((401, 403, 429, *codes), ErrorOut)
 
 
 def _run_or_404(run_id: str, *, with_steps: bool = False) -> Run:
@@ -449,12 +452,24 @@ def _utc(value: datetime | None) -> datetime | None:
         return datetime.min.replace(tzinfo=UTC) if value.year == 1 else datetime.max.replace(tzinfo=UTC)
 
 
-@api.get("/tasks", response={200: list[TaskOut], **_errors()}, tags=["tasks"], summary="List the registered tasks")
+@api.get(
+    "/tasks",
+    response={200: list[TaskOut], **_errors()},
+    tags=["tasks"],
+    summary="List the registered tasks",
+    auth=scoped(ApiKeyScope.READ),
+)
 def tasks_list(request: HttpRequest) -> list[dict[str, Any]]:
     return [_task_out(task) for task in registry.all()]
 
 
-@api.get("/tasks/{task_id}", response={200: TaskOut, **_errors(404)}, tags=["tasks"], summary="One task")
+@api.get(
+    "/tasks/{task_id}",
+    response={200: TaskOut, **_errors(404)},
+    tags=["tasks"],
+    summary="One task",
+    auth=scoped(ApiKeyScope.READ),
+)
 def task_detail(request: HttpRequest, task_id: str) -> dict[str, Any]:
     return _task_out(registry.get(task_id))
 
@@ -465,6 +480,7 @@ def task_detail(request: HttpRequest, task_id: str) -> dict[str, Any]:
     tags=["tasks"],
     summary="Start a run",
     description="201 with the new run; 200 with the existing run when `idempotency_key` was used already.",
+    auth=scoped(ApiKeyScope.TRIGGER),
 )
 def task_trigger(request: HttpRequest, task_id: str, body: TriggerIn) -> Status[Run]:
     registry.get(task_id)  # an unknown task is a 404 whatever the body holds
@@ -481,7 +497,13 @@ def task_trigger(request: HttpRequest, task_id: str, body: TriggerIn) -> Status[
     return Status(201 if created else 200, run)
 
 
-@api.get("/runs", response={200: RunPageOut, **_errors(422)}, tags=["runs"], summary="List runs, newest first")
+@api.get(
+    "/runs",
+    response={200: RunPageOut, **_errors(422)},
+    tags=["runs"],
+    summary="List runs, newest first",
+    auth=scoped(ApiKeyScope.READ),
+)
 def runs_list(request: HttpRequest, filters: Query[RunFilters]) -> selectors.RunPage:
     unknown = sorted(set(request.GET) - set(RunFilters.model_fields))
     if unknown:
@@ -500,12 +522,24 @@ def runs_list(request: HttpRequest, filters: Query[RunFilters]) -> selectors.Run
     )
 
 
-@api.get("/runs/{run_id}", response={200: RunDetailOut, **_errors(404)}, tags=["runs"], summary="One run")
+@api.get(
+    "/runs/{run_id}",
+    response={200: RunDetailOut, **_errors(404)},
+    tags=["runs"],
+    summary="One run",
+    auth=scoped(ApiKeyScope.READ),
+)
 def run_detail(request: HttpRequest, run_id: str) -> Run:
     return _run_or_404(run_id, with_steps=True)
 
 
-@api.post("/runs/{run_id}/cancel", response={200: RunOut, **_errors(404, 409)}, tags=["runs"], summary="Cancel")
+@api.post(
+    "/runs/{run_id}/cancel",
+    response={200: RunOut, **_errors(404, 409)},
+    tags=["runs"],
+    summary="Cancel",
+    auth=scoped(ApiKeyScope.OPERATE),
+)
 def run_cancel(request: HttpRequest, run_id: str) -> Run:
     return services.run_cancel(run=_run_or_404(run_id))
 
@@ -515,6 +549,7 @@ def run_cancel(request: HttpRequest, run_id: str) -> Run:
     response={200: RunOut, **_errors(404, 409)},
     tags=["runs"],
     summary="Retry from the failed step",
+    auth=scoped(ApiKeyScope.OPERATE),
 )
 def run_retry(request: HttpRequest, run_id: str) -> Run:
     return services.run_retry(run=_run_or_404(run_id))
@@ -526,6 +561,7 @@ def run_retry(request: HttpRequest, run_id: str) -> Run:
     tags=["runs"],
     summary="Start a new run of the same task",
     description="The same payload and tags unless the body gives new ones; the new run links to this one.",
+    auth=scoped(ApiKeyScope.OPERATE),
 )
 def run_replay(request: HttpRequest, run_id: str, body: ReplayIn | None = None) -> Status[Run]:
     run = _run_or_404(run_id)
@@ -543,6 +579,7 @@ def run_replay(request: HttpRequest, run_id: str, body: ReplayIn | None = None) 
     summary="Send an event",
     description="Resumes the waits it matches and starts the tasks subscribed to its name. 201 for a new "
     "event; 200 with the first one when its `id` was received already.",
+    auth=scoped(ApiKeyScope.EVENTS),
 )
 def event_send(request: HttpRequest, body: EventIn) -> Status[dict[str, Any]]:
     from runs import waits
@@ -569,6 +606,7 @@ def event_send(request: HttpRequest, body: EventIn) -> Status[dict[str, Any]]:
     response={200: WaitpointCompletedOut, **_errors(400, 404, 409, 422)},
     tags=["waitpoints"],
     summary="Complete a wait (approve / reject an approval)",
+    auth=scoped(ApiKeyScope.EVENTS),
 )
 def waitpoint_complete(request: HttpRequest, token: str, body: WaitpointCompleteIn) -> Any:
     from runs import waits
@@ -645,6 +683,16 @@ def _on_pydantic_invalid(request: HttpRequest, exc: pydantic.ValidationError) ->
 def _on_unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
     response = error_response(401, "unauthorized", exc.message)
     response["WWW-Authenticate"] = 'Bearer realm="dex"'
+    return response
+
+
+@api.exception_handler(apiauth.ApiAuthError)
+def _on_auth_error(request: HttpRequest, exc: apiauth.ApiAuthError) -> HttpResponse:
+    response = error_response(exc.status, exc.code, exc.message)
+    if exc.status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="dex"'
+    if exc.retry_after is not None:
+        response["Retry-After"] = str(exc.retry_after)
     return response
 
 

@@ -20,6 +20,7 @@ from uuid import UUID
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 from django.http import QueryDict
 
 from runs import audit, fragments, realtime
@@ -35,7 +36,25 @@ def _authenticated(scope: dict[str, Any]) -> bool:
     return bool(user is not None and user.is_authenticated)
 
 
-class RunListConsumer(AsyncWebsocketConsumer):
+# RFC 6455 close code "message too big".
+CLOSE_TOO_BIG = 1009
+
+
+class CappedConsumer(AsyncWebsocketConsumer):
+    """Inbound frames over settings.DEX_MAX_WS_MESSAGE_BYTES close the socket (1009) unread: the dashboard
+    sends nothing big, so a big frame is abuse (daphne's own cap, 1 MiB by default, is far looser)."""
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+        if size > settings.DEX_MAX_WS_MESSAGE_BYTES:
+            limit = settings.DEX_MAX_WS_MESSAGE_BYTES
+            log.warning("closing a websocket that sent a %d-byte frame (limit %d)", size, limit)
+            await self.close(code=CLOSE_TOO_BIG)
+            return
+        await super().websocket_receive(message)
+
+
+class RunListConsumer(CappedConsumer):
     """The run list's first page, filtered as the socket URL's query string says (the page's own filters):
     new runs that match appear, status changes replace their row, a run that stops matching leaves, and the
     per-status counters follow."""
@@ -121,7 +140,7 @@ class RunListConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=fragments.render_run_counters(counters))
 
 
-class RunDetailConsumer(AsyncWebsocketConsumer):
+class RunDetailConsumer(CappedConsumer):
     """One run's page: header, output, steps, logs and metadata, live."""
 
     async def connect(self) -> None:

@@ -36,6 +36,7 @@ from django.db import DatabaseError, connection, transaction
 from agents.registry import UnknownTask, registry
 from runs import alerts, offload, realtime
 from runs.models import Run, RunStatus, StepKind, StepStatus
+from runs.redact import redact
 from runs.sdk import (
     Cancelled,
     ChildRunFailed,
@@ -112,10 +113,11 @@ def encode_output(value: Any, *, what: str) -> str:
 
 def error_info(exc: BaseException, *, step: str | None = None) -> dict:
     message = str(exc) or type(exc).__name__
+    # Redacted before it is stored: an exception may quote a key, a password or a bearer token.
     info = {
         "type": type(exc).__name__,
-        "message": message,
-        "traceback": "".join(traceback.format_exception(exc)),
+        "message": redact(message),
+        "traceback": redact("".join(traceback.format_exception(exc))),
     }
     if step is not None:
         info["step"] = step
@@ -508,7 +510,13 @@ class RunContext:
         realtime.publish_now(realtime.RunEvent("metadata", self.run_id, {"key": key, "value": value}))
 
     def _add_log(self, step_key: str, level: str, message: str) -> None:
-        line = {"step_key": step_key, "ts": _now().isoformat(), "level": level, "message": message[:20000]}
+        # Redacted before it is stored or pushed: steps log requests, and requests carry keys.
+        line = {
+            "step_key": step_key,
+            "ts": _now().isoformat(),
+            "level": level,
+            "message": redact(message[:20200])[:20000],
+        }
         with self._buffer.lock:
             self._buffer.logs.append(line)
         realtime.publish_now(realtime.RunEvent("log", self.run_id, line))

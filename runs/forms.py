@@ -19,7 +19,7 @@ from django import forms
 from pydantic_core import PydanticUndefined
 
 from agents.registry import registry
-from runs.models import Schedule
+from runs.models import ApiKeyScope, Schedule, apikey_all_scopes
 
 # Field-name prefix of the payload fields, so a payload field called `tags` or `delay` can't collide with the
 # run options of the same form.
@@ -217,3 +217,26 @@ class ScheduleForm(forms.Form):
 
 class ApiKeyCreateForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="Who or what uses it, e.g. ci-pipeline.")
+    scopes = forms.MultipleChoiceField(
+        choices=ApiKeyScope.choices,
+        initial=apikey_all_scopes,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="What the key may do; give it only what its client needs.",
+        error_messages={"required": "Pick at least one scope."},
+    )
+    expires_in_days = forms.TypedChoiceField(
+        label="Expires",
+        choices=[
+            ("", "Never"),
+            ("1", "In 1 day"),
+            ("7", "In 7 days"),
+            ("30", "In 30 days"),
+            ("90", "In 90 days"),
+            ("365", "In a year"),
+        ],
+        coerce=int,
+        empty_value=None,
+        required=False,
+        initial="90",
+        help_text="After this the key is refused (401 key_expired).",
+    )

@@ -244,6 +244,20 @@ class LogLine(models.Model):
         return f"[{self.level}] {self.message[:80]}"
 
 
+class ApiKeyScope(models.TextChoices):
+    """What an API key may do (README "Security"): each API endpoint requires one scope."""
+
+    READ = "read", "Read tasks and runs (and stream a run's events)"
+    TRIGGER = "trigger", "Start runs"
+    EVENTS = "events", "Send events and complete waitpoints"
+    OPERATE = "operate", "Cancel, retry and replay runs"
+
+
+def apikey_all_scopes() -> list[str]:
+    """Every scope: the default, so keys made before scopes existed keep working as they did."""
+    return [scope.value for scope in ApiKeyScope]
+
+
 class ApiKey(models.Model):
     """An API key. Only the SHA-256 of the secret is kept; the key itself is shown once, at creation."""
 
@@ -256,6 +270,9 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    scopes = ArrayField(models.CharField(max_length=16, choices=ApiKeyScope.choices), default=apikey_all_scopes)
+    # None: the key never expires.
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
@@ -265,10 +282,27 @@ class ApiKey(models.Model):
         return hashlib.sha256(secret.encode()).hexdigest()
 
     @classmethod
-    def generate(cls, *, name: str, created_by=None) -> tuple[ApiKey, str]:
+    def generate(
+        cls, *, name: str, created_by=None, scopes: list[str] | None = None, expires_at=None
+    ) -> tuple[ApiKey, str]:
         secret = cls.PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(name=name, prefix=secret[:12], key_hash=cls.hash(secret), created_by=created_by)
+        key = cls.objects.create(
+            name=name,
+            prefix=secret[:12],
+            key_hash=cls.hash(secret),
+            created_by=created_by,
+            scopes=apikey_all_scopes() if scopes is None else list(scopes),
+            expires_at=expires_at,
+        )
         return key, secret
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def is_expired(self, now=None) -> bool:
+        from django.utils import timezone
+
+        return self.expires_at is not None and self.expires_at <= (now or timezone.now())
 
 
 class ScheduleSource(models.TextChoices):

@@ -208,19 +208,34 @@ def run_id_or_none(value: str) -> UUID | None:
 APIKEY_TOUCH_INTERVAL = timedelta(minutes=1)
 
 
-def apikey_create(*, name: str, created_by: Any = None) -> tuple[ApiKey, str]:
-    """Create an API key. Returns (key, secret): the secret is shown once; only its hash is stored."""
-    return ApiKey.generate(name=name, created_by=created_by)
+class ApiKeyExpired(Exception):
+    """The key is valid but past its `expires_at`."""
+
+
+def apikey_create(
+    *,
+    name: str,
+    created_by: Any = None,
+    scopes: list[str] | None = None,
+    expires_in: timedelta | None = None,
+) -> tuple[ApiKey, str]:
+    """Create an API key (every scope unless `scopes` says; no expiry unless `expires_in`). Returns
+    (key, secret): the secret is shown once; only its hash is stored."""
+    expires_at = timezone.now() + expires_in if expires_in is not None else None
+    return ApiKey.generate(name=name, created_by=created_by, scopes=scopes, expires_at=expires_at)
 
 
 def apikey_authenticate(*, secret: str) -> ApiKey | None:
-    """The live (not revoked) key whose secret this is, or None. Marks it used, at most once a minute."""
+    """The live (not revoked) key whose secret this is, or None; ApiKeyExpired for an expired one. Marks it
+    used, at most once a minute."""
     if not secret:
         return None
     key = ApiKey.objects.filter(key_hash=ApiKey.hash(secret), revoked_at__isnull=True).first()
     if key is None:
         return None
     now = timezone.now()
+    if key.is_expired(now):
+        raise ApiKeyExpired(f"this API key expired at {key.expires_at:%Y-%m-%d %H:%M:%S} UTC; create a new one")
     if key.last_used_at is None or now - key.last_used_at >= APIKEY_TOUCH_INTERVAL:
         # Conditional, so concurrent requests of one client write the row once, not once each.
         stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - APIKEY_TOUCH_INTERVAL)

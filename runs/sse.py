@@ -24,8 +24,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 
-from runs import realtime
-from runs.models import TERMINAL_STATUSES, ApiKey, Run
+from runs import apiauth, realtime
+from runs.models import TERMINAL_STATUSES, ApiKeyScope, Run
 
 HEARTBEAT_SECONDS = 15.0
 
@@ -35,10 +35,6 @@ def _error(status: int, code: str, message: str) -> JsonResponse:
     if status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="dex"'
     return response
-
-
-def _api_key(secret: str) -> ApiKey | None:
-    return ApiKey.objects.filter(key_hash=ApiKey.hash(secret), revoked_at__isnull=True).first()
 
 
 def _run_exists(run_id: UUID) -> bool:
@@ -87,14 +83,13 @@ def _sse(event: str, data: Any) -> str:
 
 @require_GET
 async def run_stream(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    header = request.headers.get("Authorization", "")
-    if not header:
-        return _error(401, "unauthorized", "missing API key: send the header `Authorization: Bearer <key>`")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
-        return _error(401, "unauthorized", "the Authorization header must read `Bearer <key>`")
-    if await database_sync_to_async(_api_key)(secret.strip()) is None:
-        return _error(401, "unauthorized", "invalid or revoked API key")
+    try:
+        await database_sync_to_async(apiauth.authenticate)(request, scope=ApiKeyScope.READ.value)
+    except apiauth.ApiAuthError as exc:
+        response = _error(exc.status, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response["Retry-After"] = str(exc.retry_after)
+        return response
     if not await database_sync_to_async(_run_exists)(run_id):
         return _error(404, "not_found", f"no run with id {run_id}")
     response = StreamingHttpResponse(run_events(run_id), content_type="text/event-stream")

@@ -478,8 +478,22 @@ def _apikey_create(request: HttpRequest) -> HttpResponse:
     form = dex_forms.ApiKeyCreateForm(request.POST)
     if not form.is_valid():
         return _apikeys_page(request, form, status=422)
-    key, secret = services.apikey_create(name=form.cleaned_data["name"], created_by=request.user)
-    audit_record(user=request.user, action="apikey_create", key=key.pk, name=key.name, prefix=key.prefix)
+    days = form.cleaned_data.get("expires_in_days")
+    key, secret = services.apikey_create(
+        name=form.cleaned_data["name"],
+        created_by=request.user,
+        scopes=form.cleaned_data["scopes"],
+        expires_in=timedelta(days=days) if days else None,
+    )
+    audit_record(
+        user=request.user,
+        action="apikey_create",
+        key=key.pk,
+        name=key.name,
+        prefix=key.prefix,
+        scopes=key.scopes,
+        expires_at=key.expires_at.isoformat() if key.expires_at else None,
+    )
     # Rendered, not redirected: the secret must not pass through the session or a cookie (messages), and
     # this response is the only place it ever appears.
     response = _apikeys_page(request, dex_forms.ApiKeyCreateForm(), new_key=key, secret=secret)
@@ -494,6 +508,7 @@ def _apikeys_page(
         "keys": ApiKey.objects.select_related("created_by").order_by("revoked_at", "-created_at"),
         "form": form,
         "can_operate": is_operator(request.user),
+        "now": timezone.now(),
         **extra,
     }
     return render(request, "runs/api_keys.html", context, status=status)

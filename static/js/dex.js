@@ -22,6 +22,17 @@
     }
   });
 
+  // Forms that ask before acting (revoke a key, delete a schedule): `data-confirm="question"`. Not an inline
+  // onsubmit handler, which the Content-Security-Policy (script-src 'self') would block.
+  document.addEventListener("submit", function (evt) {
+    var form = evt.target;
+    var question = form && form.dataset && form.dataset.confirm;
+    if (question && !window.confirm(question)) {
+      evt.preventDefault();
+      evt.stopImmediatePropagation();
+    }
+  }, true);
+
   var pinned = [];
   document.addEventListener("htmx:wsBeforeMessage", function () {
     pinned = Array.prototype.filter.call(document.querySelectorAll(".autoscroll"), function (el) {

@@ -9,6 +9,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from runs import alerts, services
 from runs.models import Alert, AlertDelivery, AlertDeliveryStatus, AlertDestination, Run, RunStatus
@@ -57,6 +58,24 @@ def test_a_failing_run_sends_one_signed_webhook_retried_after_a_500_and_an_email
         worker.wait_for_log("Subject: [Dex] t-fails run failed")
         assert "Error: NonRetriableError: this input can never work" in worker.log()
         assert Alert.objects.filter(run=run).count() == 1
+
+
+def test_the_scheduler_raises_the_alert_of_a_run_that_failed_without_its_worker(processes) -> None:
+    """A dead-lettered run (its worker died too often) is failed by the scheduler, not settled by a worker: the
+    scheduler's alert scan raises its alert and queues the delivery (which a worker sends, as above)."""
+    AlertDestination.objects.create(kind="email", target="oncall@example.com")
+    processes.scheduler(DEX_ALERT_SCAN_SECONDS="0.2")
+    run = Run.objects.create(
+        task_id="t-ten-steps",
+        status=RunStatus.FAILED,
+        finished_at=timezone.now(),
+        error={"type": "WorkerLost", "message": "the worker executing this run died 5 times; dead-lettered"},
+    )
+    alert = wait_for(lambda: Alert.objects.filter(run=run).first(), what="the scheduler to raise the alert")
+    assert alert.kind == "failed" and alert.payload["run"]["error"]["type"] == "WorkerLost"
+    assert list(alert.deliveries.values_list("channel", "target", "status")) == [
+        ("email", "oncall@example.com", "pending")
+    ]
 
 
 def test_the_cli_triggers_and_waits_for_a_run_on_a_real_worker(processes, ledger) -> None:

@@ -337,7 +337,7 @@ def test_code_schedules_are_read_only(operator: Client) -> None:
 
 
 def test_an_api_key_is_shown_once_and_authenticates(operator: Client, client: Client) -> None:
-    response = operator.post("/api-keys/", {"name": "ci-pipeline"})
+    response = operator.post("/api-keys/", {"name": "ci-pipeline", "scopes": ["read", "trigger"]})
     assert response.status_code == 200 and response["Cache-Control"] == "no-store"
     page = response.content.decode()
     secret = page.split('id="new-key-secret">', 1)[1].split("<", 1)[0]
