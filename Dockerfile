@@ -22,7 +22,10 @@ RUN DATABASE_URL=postgresql://build@localhost/build REDIS_URL=redis://localhost:
     DEX_SECRET_KEY=collectstatic-only DEX_DEBUG=false \
     python manage.py collectstatic --noinput
 
-RUN useradd --create-home --uid 1000 dex
+RUN useradd --create-home --uid 1000 dex \
+ && mkdir -p /data/outputs && chown dex:dex /data/outputs
+# Large step outputs (DEX_OUTPUT_DIR): a new named volume mounted here starts owned by `dex`.
+VOLUME /data/outputs
 USER dex
 EXPOSE 8000
 CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "dexweb.asgi:application"]
