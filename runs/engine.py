@@ -1576,4 +1576,20 @@ def scheduler_tick(*, batch: int = 500) -> TickResult:
         enqueue_on_commit(run_id, queue=queue, priority=priority)
         if kind != "resent":
             realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
+    if result.dead:
+        _release_dead_letter_slots([run_id for kind, run_id, _q, _p in rows if kind == "dead"])
     return result
+
+
+def _release_dead_letter_slots(run_ids: list[Any]) -> None:
+    """A dead-lettered run left `running` without settling: hand its concurrency slot on (flow control)."""
+    from runs import flow
+
+    groups = set(
+        Run.objects.filter(pk__in=run_ids, concurrency_key_value__isnull=False).values_list(
+            "task_id", "concurrency_key_value"
+        )
+    )
+    for task_id, ckey in groups:
+        task = registry.get(task_id) if task_id in registry else None
+        flow.release_slots(task_id=task_id, ckey=ckey, task=task)

@@ -142,6 +142,19 @@ def test_settling_a_limited_run_hands_its_slot_to_the_best_waiting_run(django_ca
     assert Run.objects.get(pk=low.pk).status == RunStatus.QUEUED
 
 
+def test_a_dead_lettered_run_hands_its_slot_on(settings, django_capture_on_commit_callbacks):
+    dead = trigger("t-flow-priority", {"ledger": "/dev/null", "name": "dead"}, priority=5)
+    waiting = trigger("t-flow-priority", {"ledger": "/dev/null", "name": "waiting"})
+    assert engine.run_claim(dead.id, worker="w").run_id == dead.id
+    Run.objects.filter(pk=dead.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1), recoveries=settings.DEX_MAX_RECOVERIES - 1
+    )
+    sent: list[str] = []
+    with engine.enqueue_to(sent.append), django_capture_on_commit_callbacks(execute=True):
+        assert engine.scheduler_tick().dead == 1
+    assert sent == [str(waiting.id)]
+
+
 def test_debounce_supersedes_the_pending_run_of_the_same_key():
     a = trigger("t-flow-debounce", {"user_id": 1, "text": "a"})
     other = trigger("t-flow-debounce", {"user_id": 2, "text": "x"})
@@ -177,6 +190,24 @@ def test_the_dashboard_shows_why_a_run_waits():
     reason = "waiting for a concurrency slot (1/1 running)"
     assert reason in client.get(f"/runs/{runs[1].pk}/").content.decode()
     assert reason in client.get("/").content.decode()
+
+
+def test_the_api_says_why_a_run_waits_and_takes_a_priority():
+    _key, secret = services.apikey_create(name="flow")
+    api = Client(headers={"authorization": f"Bearer {secret}"})
+    response = api.post(
+        "/api/tasks/t-flow-priority/trigger",
+        {"payload": {"ledger": "/dev/null", "name": "vip"}, "priority": 8},
+        content_type="application/json",
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["priority"], body["status_reason"]) == (8, "")
+    blocker = trigger("t-flow-priority", {"ledger": "/dev/null", "name": "blocker"}, priority=9)
+    assert engine.run_claim(blocker.id, worker="w").run_id == blocker.id
+    assert engine.run_claim(body["id"], worker="w") is None
+    run = api.get(f"/api/runs/{body['id']}").json()
+    assert run["status_reason"] == "waiting for a concurrency slot (1/1 running)"
 
 
 @pytest.mark.parametrize(
