@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,12 @@ def _redis() -> redis.Redis:
     with _client_lock:
         if _client is None or _client[0] != url:
             # Short timeouts: a stuck Redis must not hold API requests (the check then fails open).
-            _client = (url, redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5))
+            # No retries either: redis-py's default (3, with back-off) would make every request of an outage
+            # wait for them.
+            client = redis.Redis.from_url(
+                url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+            )
+            _client = (url, client)
         return _client[1]
 
 
