@@ -61,3 +61,14 @@ def sleeper(ctx, ledger: str, n: int = 0) -> int:
     record(ledger, f"before sleep {n}")
     ctx.sleep("nap", timedelta(seconds=60))
     return n
+
+
+AGENTS_QUEUE = "dex-test-flow-agents"
+
+
+@task("t-flow-queued", queue=AGENTS_QUEUE, priority=3)
+def on_its_own_queue(ctx) -> str:
+    """Says which worker ran it (the test starts a worker for AGENTS_QUEUE only)."""
+    import os
+
+    return ctx.step("where", lambda: os.environ.get("DEX_TEST_WORKER_ROLE", ""))

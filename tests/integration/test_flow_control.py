@@ -6,6 +6,9 @@ the runs' started_at / finished_at — never on how fast we are.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,23 +19,61 @@ import tests.flow_agents  # noqa: F401  (registers the flow-control test tasks i
 from runs import services
 from runs.models import TERMINAL_STATUSES, Run, RunStatus
 from tests.agents import ledger_lines
-from tests.conftest import Processes, wait_for
+from tests.conftest import SESSION, Proc, Processes, wait_for
+from tests.flow_agents import AGENTS_QUEUE
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
+def celery_worker(procs: Processes, name: str, queue: str, slots: int, **env: str) -> Proc:
+    proc = Proc(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "dexweb",
+            "worker",
+            "-l",
+            "info",
+            "-c",
+            str(slots),
+            "-Q",
+            queue,
+            "-n",
+            f"{name}-{SESSION}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        {**procs.env, **env},
+        procs.log_dir,
+    ).start()
+    procs.procs.append(proc)  # stopped with the others
+    return proc
+
+
 @pytest.fixture(scope="module")
 def fleet(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
-    """Two workers of two slots each (four slots: more than any limit below) and a scheduler, shared by the
-    module's tests; every test leaves its runs finished."""
+    """Two workers of two slots each (four slots: more than any limit below), a worker for AGENTS_QUEUE only,
+    and a scheduler, shared by the module's tests (started together); every test leaves its runs finished."""
     env = {**dex_env, "DEX_AGENT_MODULES": "tests.agents,tests.flow_agents"}
     procs = Processes(env, tmp_path_factory.mktemp("flow"))
     try:
-        procs.worker(concurrency=2, name="flow-a")
-        procs.worker(concurrency=2, name="flow-b")
+        workers = [
+            celery_worker(procs, "flow-a", env["DEX_DEFAULT_QUEUE"], 2),
+            celery_worker(procs, "flow-b", env["DEX_DEFAULT_QUEUE"], 2),
+            celery_worker(procs, "flow-agents", AGENTS_QUEUE, 1, DEX_TEST_WORKER_ROLE="agents"),
+        ]
         procs.scheduler(name="flow-scheduler")
+        for worker in workers:
+            worker.wait_for_log("ready.")
         yield procs
     finally:
+        for proc in procs.procs:  # all shut down at once, not one after the other
+            if proc.popen is not None and proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGTERM)
         procs.stop_all()
 
 
@@ -137,10 +178,14 @@ def test_priority_orders_the_claim_of_runs_waiting_for_a_slot(fleet, ledger, tmp
 def test_a_rate_limit_spaces_run_starts(fleet):
     runs = [services.run_trigger(task_id="t-flow-rate", payload={"n": n})[0] for n in range(12)]
     seen = wait_for(
-        lambda: Run.objects.filter(task_id="t-flow-rate", status_reason__startswith="rate limited (5 per 2s)").first(),
-        what="a run to wait for the rate limit",
+        lambda: (
+            Run.objects.filter(task_id="t-flow-rate", status_reason__startswith="rate limited (5 per 2s) until")
+            .exclude(wake_at=None)
+            .first()
+        ),
+        what="a run to wait for the rate limit's next window",
     )
-    assert seen.status == RunStatus.QUEUED and seen.wake_at is not None
+    assert seen.status == RunStatus.QUEUED
     runs = all_finished(runs)
     assert all(r.status == RunStatus.COMPLETED for r in runs)
     starts = sorted(r.started_at for r in runs)
@@ -192,3 +237,12 @@ def test_a_parked_run_gives_its_slot_to_the_next(fleet, ledger):
     assert sorted(ledger_lines(ledger)) == ["before sleep 1", "before sleep 2"]
     for run in runs:
         services.run_cancel(run=run)
+
+
+def test_a_task_with_a_queue_runs_on_the_workers_of_that_queue(fleet):
+    from runs.management.commands.dev import task_queues
+
+    assert AGENTS_QUEUE in task_queues()  # `manage.py dev` consumes it too
+    (run,) = all_finished([services.run_trigger(task_id="t-flow-queued", payload={})[0]])
+    # Only the worker started for AGENTS_QUEUE has DEX_TEST_WORKER_ROLE set.
+    assert (run.status, run.queue, run.priority, run.output) == (RunStatus.COMPLETED, AGENTS_QUEUE, 3, "agents")
