@@ -15,9 +15,7 @@ import pytest
 
 from bench import faultkit
 from bench.faultkit import Cluster, PrivatePostgres, PrivateRedis
-from runs import services
 from runs.models import Run, RunStatus
-from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -86,33 +84,19 @@ def test_a_stream_client_misses_no_step_across_a_daphne_restart(
 
 
 def test_a_step_that_comes_back_after_its_timeout_has_its_result_discarded(cluster: Cluster, ledger: Path) -> None:
-    cluster.worker()
-    cluster.scheduler()
-    run, _ = services.run_trigger(task_id="fault-late", payload={"ledger": str(ledger)})
-    wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED, timeout=60, what="the run")
-    run.refresh_from_db()
-    assert run.output == "on time"
-    step = run.steps.get(key="s1")
-    assert step.attempts == 2
-    assert "result was discarded" in step.history[0]["error"]["message"]
-    assert [e.attempt for e in faultkit.ledger_read(ledger)] == [1, 2]
+    outcome = faultkit.late_result(cluster, ledger)
+    assert outcome["status"] == RunStatus.COMPLETED
+    assert outcome["output"] == "on time"
+    assert outcome["attempts"] == 2
+    assert "result was discarded" in outcome["first_error"]
+    assert outcome["attempts_in_ledger"] == [1, 2]
 
 
 def test_duplicate_deliveries_to_racing_workers_execute_every_step_once(cluster: Cluster, ledger: Path) -> None:
-    from runs.tasks import execute_run
-
-    cluster.worker(concurrency=2)
-    cluster.worker(concurrency=2)
-    payload = {"ledger": str(ledger), "steps": 4, "pause": 0.05}
-    ids = [str(services.run_trigger(task_id="fault-chain", payload=payload)[0].id) for _ in range(3)]
-    for run_id in ids * 3:
-        execute_run.delay(run_id)
-    states = lambda: faultkit.run_states_orm(ids)  # noqa: E731
-    wait_for(faultkit.all_terminal(states, 3), timeout=60, what="every run")
-    figures = faultkit.account(faultkit.ledger_read(ledger), states(), steps=4, faults=0)
+    figures = faultkit.duplicate_deliveries(cluster, ledger, runs=3, copies=3)
     assert_clean(figures)
     assert figures.inflight_reruns == 0
-    assert set(Run.objects.filter(pk__in=ids).values_list("lease_token", flat=True)) == {1}
+    assert figures.detail["owners_per_run"] == 1
 
 
 def test_a_ten_megabyte_body_gets_413_from_the_real_server(cluster: Cluster, api_secret: str) -> None:
