@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -72,10 +73,12 @@ def parse_limit(text: str | None) -> Limit | None:
 
 
 _client_lock = threading.Lock()
-_client: tuple[str, redis.Redis] | None = None
+_client: tuple[str, Any] | None = None
 
 
-def _redis() -> redis.Redis:
+def _script() -> Any:
+    """The counting script, bound to a client of settings.REDIS_URL (EVALSHA: the script's text isn't sent
+    with every request)."""
     global _client
     url = settings.REDIS_URL
     with _client_lock:
@@ -86,7 +89,7 @@ def _redis() -> redis.Redis:
             client = redis.Redis.from_url(
                 url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
             )
-            _client = (url, client)
+            _client = (url, client.register_script(_SCRIPT))
         return _client[1]
 
 
@@ -117,7 +120,7 @@ def hit(*buckets: Bucket) -> list[Window]:
     for bucket in buckets:
         args += [bucket.limit.period, "1" if bucket.count else "0"]
     try:
-        answer = _redis().eval(_SCRIPT, len(keys), *keys, *args)
+        answer = _script()(keys=keys, args=args)
     except redis.RedisError as exc:
         log.warning("rate limit not checked (Redis unreachable): %s", exc)
         return [Window(0, 0) for _ in buckets]

@@ -63,6 +63,15 @@ _KEEP_PREFIX = [
     ),
 ]
 
+# One pass for all the shapes.
+_SHAPES = re.compile("|".join(f"(?:{p.pattern})" for p in _PATTERNS))
+# A pattern of _KEEP_PREFIX only runs on text holding one of its keywords (lower case).
+_KEEP_PREFIX_KEYWORDS = [
+    ("bearer", "basic", "token"),
+    ("://",),
+    ("pass", "pwd", "secret", "key", "token"),
+]
+
 _values_lock = threading.Lock()
 _values: tuple[float, re.Pattern[str] | None] = (0.0, None)
 # Environment and settings are read again at most this often (a test or an operator may change them).
@@ -107,10 +116,12 @@ def redact(text: str) -> str:
     values = _values_pattern()
     if values is not None:
         text = values.sub(REDACTED, text)
-    for pattern in _PATTERNS:
-        text = pattern.sub(REDACTED, text)
-    for pattern in _KEEP_PREFIX:
-        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _SHAPES.sub(REDACTED, text)
+    lowered = text.lower()
+    # Each of these scans the whole text at every position; most lines hold none of their keywords.
+    for pattern, keywords in zip(_KEEP_PREFIX, _KEEP_PREFIX_KEYWORDS, strict=True):
+        if any(keyword in lowered for keyword in keywords):
+            text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
 
 
