@@ -18,7 +18,8 @@ from uuid import UUID
 
 from django import forms
 from django.contrib.postgres.expressions import ArraySubquery
-from django.db.models import F, Func, IntegerField, OuterRef, Subquery
+from django.db.models import CharField, F, Func, IntegerField, OuterRef, Subquery
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, JSONObject
 from django.template.loader import render_to_string
 from django.utils import timezone
@@ -81,10 +82,21 @@ def step_get_or_none(run_id: UUID | str, key: str) -> Step | None:
     return Step.objects.filter(run_id=run_id, key=key).first()
 
 
+# Which committed state a read saw: "<xmax>-<in-progress count>" of the statement's Postgres snapshot. Of two
+# reads of the same run, the later one has a higher xmax, or the same xmax and no more transactions in progress
+# (the ones then in progress may since have committed; no new ones began). The page's status regions carry it
+# as `data-version`, and static/js/dex.js drops a swap that would replace a region with one read earlier: an
+# action's response can arrive after the websocket pushed a newer header.
+READ_VERSION_SQL = (
+    "(SELECT pg_snapshot_xmax(s)::text || '-' || coalesce(array_length(array(SELECT pg_snapshot_xip(s)), 1), 0)"
+    " FROM pg_current_snapshot() AS s)"
+)
+
+
 def run_detail_get_or_none(run_id: UUID | str) -> Run | None:
     """The run with what its header shows besides its own fields, in one query: how many steps, log lines
-    and children it has, its first children and its pending waits (attributes `step_count`, `log_count`,
-    `child_count`, `children_links` and `pending_waits`)."""
+    and children it has, its first children, its pending waits and the version of the read (attributes
+    `step_count`, `log_count`, `child_count`, `children_links`, `pending_waits` and `version`)."""
     children = (
         Run.objects.filter(parent_id=OuterRef("pk"))
         .order_by("id")
@@ -113,6 +125,7 @@ def run_detail_get_or_none(run_id: UUID | str) -> Run | None:
             child_count=_count(Run.objects.filter(parent_id=OuterRef("pk"))),
             children_json=ArraySubquery(children),
             waits_json=ArraySubquery(waits),
+            version=RawSQL(READ_VERSION_SQL, [], output_field=CharField()),
         )
         .first()
     )

@@ -9,7 +9,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from django.db import connection
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Aggregate, Count, DurationField, ExpressionWrapper, F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from runs.ids import uuid7_floor
@@ -248,3 +248,103 @@ def llm_spend_totals(*, days: int = 30) -> dict[str, Decimal]:
     since = uuid7_floor(timezone.now() - timedelta(days=days))
     totals = Run.objects.filter(id__gte=since).aggregate(cost=Sum("cost_usd"), saved=Sum("saved_usd"))
     return {"cost_usd": totals["cost"] or Decimal(0), "saved_usd": totals["saved"] or Decimal(0)}
+
+
+# --- task stats ---------------------------------------------------------------------------------------------
+
+TASK_STATS_WINDOW = timedelta(hours=24)
+
+
+class Median(Aggregate):
+    """Postgres `percentile_cont(0.5) WITHIN GROUP (ORDER BY ...)`: the p50 of an interval or a number."""
+
+    function = "percentile_cont"
+    template = "%(function)s(0.5) WITHIN GROUP (ORDER BY %(expressions)s)"
+    allow_distinct = False
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """A task's runs created in the stats window: how many, how they ended, how long they took, what they spent."""
+
+    runs: int = 0
+    finished: int = 0
+    failed: int = 0
+    p50: timedelta | None = None
+    cost_usd: Decimal = Decimal(0)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def failure_rate(self) -> float | None:
+        return self.failed / self.finished if self.finished else None
+
+    @property
+    def failure_percent(self) -> str:
+        rate = self.failure_rate
+        return "—" if rate is None else f"{rate * 100:.0f}%"
+
+    @property
+    def success_percent(self) -> str:
+        rate = self.failure_rate
+        return "—" if rate is None else f"{(1 - rate) * 100:.0f}%"
+
+    @property
+    def p50_seconds(self) -> float | None:
+        return self.p50.total_seconds() if self.p50 is not None else None
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def task_stats(task_ids: Sequence[str], *, window: timedelta = TASK_STATS_WINDOW) -> dict[str, TaskStats]:
+    """Per task, over the runs created in the last `window`: runs, failure rate (of the finished ones), p50
+    duration (of the completed ones), LLM cost, and the tokens of their LLM steps. Two grouped queries, each
+    bounded by the window: runs by id on the (task_id, -id) index, LLM steps on the partial index
+    step_ai_finished_idx (a run's steps finish after it was created, so its steps in the window are all there).
+    """
+    if not task_ids:
+        return {}
+    since = timezone.now() - window
+    failed = [RunStatus.FAILED, RunStatus.TIMED_OUT]
+    finished = [RunStatus.COMPLETED, *failed, RunStatus.CANCELED]
+    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+    rows = (
+        Run.objects.filter(task_id__in=list(task_ids), id__gte=uuid7_floor(since))
+        .order_by()
+        .values("task_id")
+        .annotate(
+            runs=Count("id"),
+            finished=Count("id", filter=Q(status__in=finished)),
+            failed=Count("id", filter=Q(status__in=failed)),
+            p50=Median(
+                duration,
+                filter=Q(status=RunStatus.COMPLETED, started_at__isnull=False, finished_at__isnull=False),
+                output_field=DurationField(),
+            ),
+            cost=Sum("cost_usd"),
+        )
+    )
+    with connection.cursor() as cur:
+        cur.execute(
+            """SELECT r.task_id, coalesce(sum((s.meta->'usage'->>'input_tokens')::bigint), 0),
+                      coalesce(sum((s.meta->'usage'->>'output_tokens')::bigint), 0)
+                 FROM runs_step s JOIN runs_run r ON r.id = s.run_id
+                WHERE s.kind = 'ai' AND s.finished_at >= %s AND r.id >= %s AND r.task_id = ANY(%s)
+                GROUP BY 1""",
+            [since, uuid7_floor(since), list(task_ids)],
+        )
+        tokens = {task_id: (int(i), int(o)) for task_id, i, o in cur.fetchall()}
+    return {
+        row["task_id"]: TaskStats(
+            runs=row["runs"],
+            finished=row["finished"],
+            failed=row["failed"],
+            p50=row["p50"],
+            cost_usd=row["cost"] or Decimal(0),
+            input_tokens=tokens.get(row["task_id"], (0, 0))[0],
+            output_tokens=tokens.get(row["task_id"], (0, 0))[1],
+        )
+        for row in rows
+    }

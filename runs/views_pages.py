@@ -16,7 +16,6 @@ from typing import Any
 import pydantic
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Aggregate, Count, DurationField, ExpressionWrapper, F, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -29,8 +28,7 @@ from agents.registry import UnknownTask, registry
 from runs import forms as dex_forms
 from runs import selectors, services
 from runs.audit import audit_record, is_operator
-from runs.ids import uuid7_floor
-from runs.models import ApiKey, Event, Run, RunStatus, Schedule, ScheduleSource, Waitpoint, WaitpointKind
+from runs.models import ApiKey, Event, Run, Schedule, ScheduleSource, Waitpoint, WaitpointKind
 from runs.permissions import operator_required
 from runs.schedules import ScheduleInvalid, ScheduleOwnedByCode, schedule_create, schedule_delete, schedule_update
 from runs.sdk import Task
@@ -52,60 +50,12 @@ def _go(request: HttpRequest, url_name: str, *args: Any) -> HttpResponse:
 # --- tasks -------------------------------------------------------------------------------------------------
 
 
-class Median(Aggregate):
-    """Postgres `percentile_cont(0.5) WITHIN GROUP (ORDER BY ...)`: the p50 of an interval or a number."""
-
-    function = "percentile_cont"
-    template = "%(function)s(0.5) WITHIN GROUP (ORDER BY %(expressions)s)"
-    allow_distinct = False
-
-
-@dataclass(frozen=True)
-class TaskStats:
-    runs: int = 0
-    finished: int = 0
-    failed: int = 0
-    p50: timedelta | None = None
-
-    @property
-    def failure_rate(self) -> float | None:
-        return self.failed / self.finished if self.finished else None
-
-    @property
-    def failure_percent(self) -> str:
-        rate = self.failure_rate
-        return "—" if rate is None else f"{rate * 100:.0f}%"
-
-    @property
-    def p50_seconds(self) -> float | None:
-        return self.p50.total_seconds() if self.p50 is not None else None
+TaskStats = selectors.TaskStats
 
 
 def task_stats_last_24h(task_ids: list[str]) -> dict[str, TaskStats]:
-    """Runs, failure rate (of the finished ones) and p50 duration (of the completed ones) per task over the last
-    24 hours: one grouped query, bounded by id on the (task_id, -id) index."""
-    failed = [RunStatus.FAILED, RunStatus.TIMED_OUT]
-    finished = [RunStatus.COMPLETED, *failed, RunStatus.CANCELED]
-    duration = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
-    rows = (
-        Run.objects.filter(task_id__in=task_ids, id__gte=uuid7_floor(timezone.now() - STATS_WINDOW))
-        .order_by()
-        .values("task_id")
-        .annotate(
-            runs=Count("id"),
-            finished=Count("id", filter=Q(status__in=finished)),
-            failed=Count("id", filter=Q(status__in=failed)),
-            p50=Median(
-                duration,
-                filter=Q(status=RunStatus.COMPLETED, started_at__isnull=False, finished_at__isnull=False),
-                output_field=DurationField(),
-            ),
-        )
-    )
-    return {
-        row["task_id"]: TaskStats(runs=row["runs"], finished=row["finished"], failed=row["failed"], p50=row["p50"])
-        for row in rows
-    }
+    """Runs, failure rate, p50 duration, LLM cost and tokens per task over the last 24 hours (bounded queries)."""
+    return selectors.task_stats(task_ids, window=STATS_WINDOW)
 
 
 @dataclass(frozen=True)

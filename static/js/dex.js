@@ -33,6 +33,40 @@
     }
   }, true);
 
+  // A run page region carries `data-version` ("<xmax>-<in progress>" of the Postgres snapshot it was read
+  // under, runs/fragments.py): an action's response can arrive after the websocket pushed a newer header, and
+  // must not put the older one back.
+  function parseVersion(text) {
+    var match = /^(\d+)-(\d+)$/.exec(text || "");
+    return match ? { xmax: BigInt(match[1]), inProgress: Number(match[2]) } : null;
+  }
+  function olderThan(incoming, current) {
+    var a = parseVersion(incoming), b = parseVersion(current);
+    if (!a || !b) { return false; }
+    return a.xmax < b.xmax || (a.xmax === b.xmax && a.inProgress > b.inProgress);
+  }
+  window.dexOlderVersion = olderThan;
+  document.addEventListener("htmx:oobBeforeSwap", function (evt) {
+    var incoming = evt.detail.fragment, target = evt.detail.target;
+    if (incoming && incoming.getAttribute && target && target.getAttribute &&
+        olderThan(incoming.getAttribute("data-version"), target.getAttribute("data-version"))) {
+      evt.detail.shouldSwap = false;
+    }
+  });
+
+  // An action's response (a notice and the regions, all out of band) must land even when the form that sent it
+  // was replaced meanwhile by a pushed header: htmx looks for the regions under the form's own root, which for
+  // a detached form is the old header, and would drop the whole response. Swap it against the document instead.
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var target = evt.detail.target;
+    if (!target || !target.addEventListener) { return; }
+    target.addEventListener("htmx:beforeSwap", function (swapEvt) {
+      if (!swapEvt.detail.shouldSwap || document.body.contains(target)) { return; }
+      swapEvt.detail.shouldSwap = false;
+      window.htmx.swap(document.body, swapEvt.detail.serverResponse, { swapStyle: "none" });
+    }, { once: true });
+  });
+
   var pinned = [];
   document.addEventListener("htmx:wsBeforeMessage", function () {
     pinned = Array.prototype.filter.call(document.querySelectorAll(".autoscroll"), function (el) {

@@ -10,6 +10,7 @@ page are also copied to docs/ for the README.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,8 +28,9 @@ from django.contrib.auth.models import Group, Permission
 from django.test import TransactionTestCase
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from runs import services
-from runs.models import Run, RunStatus
+from runs import realtime, services
+from runs.ai.testserver import serve_in_thread
+from runs.models import Run, RunStatus, StepChunk
 from tests.agents import ledger_lines
 from tests.conftest import ROOT, SESSION, Proc, wait_for
 
@@ -50,6 +52,10 @@ ARTIFACTS = ROOT / "test-artifacts"
 DOCS = ROOT / "docs"
 PASSWORD = "pw-e2e-123456"
 LIVE = 30_000  # ms: how long the page may take to show what the worker did
+# The local LLM server answers t-llm-chain's "draft" step (streamed) slowly, word by word, so a test can open
+# the run page in the middle of the stream.
+SLOW_REPLY = " ".join(f"word{i:02d}" for i in range(40)) + " — the end."
+LLM_SCRIPT = {"rules": [{"contains": "draft Summary", "reply": SLOW_REPLY, "chunk_delay": 0.12}]}
 
 
 def free_port() -> int:
@@ -87,6 +93,7 @@ class Stack:
     scheduler: Proc
     browser: Browser
     log_dir: Path
+    llm_url: str
 
 
 def _worker(env: dict[str, str], log_dir: Path) -> Proc:
@@ -100,12 +107,15 @@ def _worker(env: dict[str, str], log_dir: Path) -> Proc:
 
 @pytest.fixture(scope="module")
 def stack(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One daphne, one worker (2 processes), one scheduler and one Chromium for the module."""
+    """One daphne, one worker (2 processes), one scheduler, the local LLM server and one Chromium for the module."""
     # Playwright's sync API keeps an event loop in this thread; the ORM calls of the tests are still synchronous.
     previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     log_dir = tmp_path_factory.mktemp("e2e-logs")
-    started: list[Any] = []
+    llm, llm_url = serve_in_thread(script=LLM_SCRIPT)
+    local = {"kind": "openai", "base_url": llm_url, "models": ["*"]}
+    dex_env = {**dex_env, "DEX_LLM_PROVIDERS": json.dumps({"local": local})}
+    started: list[Any] = [llm]
     try:
         daphne = Daphne(dex_env, log_dir)
         started.append(daphne)
@@ -118,7 +128,7 @@ def stack(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                yield Stack(daphne, worker, scheduler, browser, log_dir)
+                yield Stack(daphne, worker, scheduler, browser, log_dir, llm_url)
             finally:
                 browser.close()
     finally:
@@ -218,7 +228,13 @@ def wait_live(page: Page, *, snapshot: bool = True) -> None:
     approval form in it), so filling a form before it lands would fill a form about to be thrown away."""
     expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=LIVE)
     if snapshot:
-        page.wait_for_function("window.__dexWsMessages > 0", timeout=LIVE)
+        wait_js(page, "() => window.__dexWsMessages > 0", what="the snapshot")
+
+
+def wait_js(page: Page, function: str, arg: Any = None, *, timeout: float = LIVE / 1000, what: str = "") -> Any:
+    """Poll a JS function in the page until it returns something truthy. Not `page.wait_for_function`: its
+    polling evaluates a string, which the dashboard's Content-Security-Policy (no 'unsafe-eval') refuses."""
+    return wait_for(lambda: page.evaluate(function, arg), timeout=timeout, interval=0.05, what=what or function)
 
 
 def shoot(page: Page, name: str, docs_name: str | None = None) -> Path:
@@ -319,6 +335,10 @@ def test_a_failed_steps_traceback_is_shown_and_retry_resumes_from_it(
     assert before.count("ok") == 1 and before.count("bad") >= 1
     executions = Run.objects.get(pk=run.pk).executions
 
+    # The Retry response (the header as it was right after the retry: queued) is held back until the websocket
+    # has shown the retried run fail again: a slow response must not put the older header back.
+    held: list[Any] = []
+    page.route(f"**/runs/{run.pk}/retry/", lambda route: held.append((route, route.fetch())))
     page.get_by_role("button", name=re.compile("^Retry")).click()
     # The retried attempt runs step "bad" again (and fails again: it always does), never step "ok".
     wait_for(lambda: ledger_lines(ledger).count("bad") > before.count("bad"), timeout=30, what="bad to run again")
@@ -333,6 +353,17 @@ def test_a_failed_steps_traceback_is_shown_and_retry_resumes_from_it(
     expect(page.locator(f"#run-{run.pk}-header")).to_contain_text(f"Attempts{after.executions}", timeout=LIVE)
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-failed\b"), timeout=LIVE)
     assert ledger_lines(ledger).count("ok") == 1, ledger_lines(ledger)
+
+    wait_for(lambda: held, timeout=10, what="the retry request")
+    route, response = held[0]
+    # The held response was read before the websocket's last header (typically: queued or running).
+    stale = re.search(r'-header" [^>]*data-version="(\d+)-(\d+)"', response.text())
+    shown = page.locator(f"#run-{run.pk}-header").get_attribute("data-version") or ""
+    assert stale and page.evaluate("([a, b]) => window.dexOlderVersion(a, b)", [f"{stale[1]}-{stale[2]}", shown])
+    route.fulfill(response=response)
+    expect(page.locator(f"#run-{run.pk}-notice")).to_contain_text("Retrying from the failed step.", timeout=LIVE)
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-failed\b"))
+    expect(page.locator(f"#run-{run.pk}-header")).to_contain_text(f"Attempts{after.executions}")
 
 
 def test_cancel_stops_a_sleeping_run(stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path) -> None:
@@ -360,7 +391,24 @@ def test_an_approval_is_answered_from_the_run_page(stack: Stack, page: Page, use
     expect(form).to_be_visible(timeout=LIVE)
     expect(page.locator(f"#run-{run.pk}-header")).to_contain_text("Refund order A-42?")
     form.locator("[name$='amount']").fill("12.50")
-    form.locator("[name$='reason']").fill("arrived broken")
+    form.locator("[name$='reason']").fill("arrived")
+    comment = form.locator("[name=comment]")
+    comment.click()
+    page.keyboard.type("looks right")
+
+    # The run's header is pushed again while the operator is typing (any change of the run does that).
+    page.evaluate("(id) => { window.__dexOldHeader = document.getElementById(`run-${id}-header`); }", str(run.pk))
+    messages = page.evaluate("window.__dexWsMessages")
+    realtime.publish_now(realtime.run_changed(run.pk, RunStatus.WAITING))
+    realtime._publisher.flush()
+    wait_js(page, "(n) => window.__dexWsMessages > n", messages, what="the pushed header")
+    assert page.evaluate("!document.body.contains(window.__dexOldHeader)"), "the header was not swapped"
+    # What was typed is still there, and the caret still in the comment: typing goes on where it was.
+    page.keyboard.type(", refund it")
+    expect(comment).to_have_value("looks right, refund it")
+    form.locator("[name$='reason']").press("End")
+    form.locator("[name$='reason']").press_sequentially(" broken")
+    expect(form.locator("[name$='amount']")).to_have_value("12.50")
     form.get_by_role("button", name="Approve").click()
 
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
@@ -369,6 +417,7 @@ def test_an_approval_is_answered_from_the_run_page(stack: Stack, page: Page, use
     output = Run.objects.get(pk=run.pk).output
     assert output["answer"]["approved"] is True, output
     assert output["answer"]["data"]["reason"] == "arrived broken", output
+    assert output["answer"]["comment"] == "looks right, refund it", output
 
 
 def test_a_viewer_sees_no_actions_and_a_forged_post_is_refused(
@@ -435,3 +484,40 @@ def test_the_run_page_reconnects_after_a_daphne_restart_and_catches_up(
     expect(page.locator(f"#run-{run.pk}-steps > .step.step-completed")).to_have_count(10, timeout=LIVE)
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
     assert page.evaluate("window.__dexNoReload") is True, "the page was reloaded"
+
+
+def test_a_page_opened_mid_stream_shows_the_text_so_far_then_follows_it_live(
+    stack: Stack, page: Page, users: dict[str, Any]
+) -> None:
+    login(page, "victor")
+    run, _ = services.run_trigger(task_id="t-llm-chain", payload={"topic": "e2e streaming", "stream": True})
+
+    def streamed() -> str:
+        return "".join(
+            StepChunk.objects.filter(run=run, step_key="draft")
+            .order_by("attempt", "seq")
+            .values_list("text", flat=True)
+        )
+
+    so_far = wait_for(lambda: len(streamed().split()) >= 5 and streamed(), timeout=30, what="the draft to stream")
+    assert len(so_far) < len(SLOW_REPLY), "the stream ended before the page was opened"
+
+    response = page.goto(f"/runs/{run.pk}/")
+    # The page itself (no websocket yet) already has the text so far, read from the stored chunks.
+    assert so_far in response.text()
+    draft = page.locator(f"#run-{run.pk}-steps > .step[data-key='draft']")
+    tokens = draft.locator("pre.tokens")
+    expect(tokens).to_contain_text(so_far.strip())
+    at_load = len(tokens.text_content() or "")
+
+    wait_live(page)
+    # It keeps growing live, without a reload, then the settled step shows the whole answer.
+    wait_js(
+        page,
+        "([sel, n]) => (document.querySelector(sel)?.textContent || '').length > n",
+        [f"#run-{run.pk}-steps > .step[data-key='draft'] pre.tokens", at_load],
+        what="more streamed text",
+    )
+    expect(draft).to_have_class(re.compile(r"\bstep-completed\b"), timeout=LIVE)
+    expect(draft.locator(".llm-text")).to_have_text(SLOW_REPLY, timeout=LIVE)
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)

@@ -256,4 +256,11 @@ def test_the_tasks_page_stats_make_a_bounded_number_of_queries(
 ) -> None:
     page = get(operator, "/tasks/", 8, django_assert_max_num_queries)
 
-    assert 'id="task-t-fails"' in page
+    # ~3,456 runs in the last 24 hours, ~690 a task, each with an LLM step of 150 tokens (the newest: 5,000).
+    for task_id in TASKS:
+        row = page.split(f'id="task-{task_id}"', 1)[1].split("</tr>", 1)[0]
+        runs = int(re.search(r">(\d+)</a>", row).group(1))
+        tokens = int(re.search(r'class="num task-tokens"[^>]*>(\d+)<', row).group(1))
+        assert 600 < runs < 800, row
+        assert tokens >= 150 * (runs - 1), row
+        assert re.search(r'class="num task-cost">\$\d+\.\d{4}<', row), row
