@@ -134,11 +134,24 @@ def load(path: Path) -> dict:
             continue
         if name not in scenarios or str(result.get("when", "")) > str(scenarios[name].get("when", "")):
             scenarios[name] = result
-    document["scenarios"] = scenarios
+    # --tiny results only prove the harness runs (the smoke tests): they never reach the README.
+    document["scenarios"] = {name: r for name, r in scenarios.items() if sizes_of(r) != "tiny"}
     return document
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=False)
+
+
+def sizes_of(result: dict) -> str:
+    """The sizes a result was measured at (`quick`, `full`, `tiny`), or "" if it doesn't say."""
+    if result.get("sizes_name"):
+        return str(result["sizes_name"])
+    sizes = result.get("sizes")
+    return str(sizes.get("name", "")) if isinstance(sizes, dict) else ""
 
 
 def fmt(value: Any) -> str:
@@ -156,7 +169,7 @@ def fmt(value: Any) -> str:
         if abs(value) >= 10:
             return f"{value:.1f}"
         return f"{value:.3g}"
-    return html.escape(str(value))
+    return _esc(str(value))
 
 
 def _goal_text(goal: str) -> str:
@@ -221,8 +234,8 @@ def bench_table(document: dict) -> str:
             scenario = f"**{TITLES.get(name, name)}** <sub>`{name}`</sub>" if i == 0 else ""
             mark = "" if row["met"] is None else ("✔" if row["met"] else "✘")
             lines.append(
-                f"| {scenario} | {row['what']} | {_value_cell(row)} | {html.escape(row['baseline'])} | "
-                f"{html.escape(_goal_text(row['goal']))} | {mark} |"
+                f"| {scenario} | {row['what']} | {_value_cell(row)} | {_esc(row['baseline'])} | "
+                f"{_esc(_goal_text(row['goal']))} | {mark} |"
             )
     goals = [m for n in names for m in scenarios[n].get("goals_met", {}).values()]
     lines.append("")
@@ -241,7 +254,7 @@ def bench_table(document: dict) -> str:
 def _provenance(document: dict, names: list[str]) -> str:
     scenarios = document["scenarios"]
     dates = sorted({_when(scenarios[n]) for n in names if _when(scenarios[n])})
-    sizes = sorted({str(scenarios[n].get("sizes_name") or document.get("sizes", "")) for n in names} - {""})
+    sizes = sorted({sizes_of(scenarios[n]) for n in names} - {""})
     machines = sorted({str(scenarios[n].get("machine") or document.get("machine", "")) for n in names} - {""})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "unknown date"
     return (
@@ -265,7 +278,7 @@ def faults_table(document: dict) -> str | None:
         for fault, values in detail.items():
             if isinstance(values, dict):
                 cells = [fmt(values.get(k)) for k, _ in present]
-                lines.append(f"| {html.escape(fault)} | " + " | ".join(cells) + " |")
+                lines.append(f"| {_esc(fault)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append("| figure | value | goal | met |")
     lines.append("|---|---|---|---|")
@@ -279,7 +292,7 @@ def faults_table(document: dict) -> str | None:
     )
     if result.get("note"):
         lines.append("")
-        lines.append(html.escape(str(result["note"])))
+        lines.append(_esc(str(result["note"])))
     return "\n".join(lines)
 
 
@@ -347,17 +360,17 @@ def svg(document: dict) -> str:
         y = top + i * row_h
         colour = "#2e8b57" if bar["met"] else "#c0392b"
         label = f"{bar['scenario']} · {bar['key']}"
-        out.append(f'<text x="{label_w - 8}" y="{y + 14}" text-anchor="end" fill="#222">{html.escape(label)}</text>')
+        out.append(f'<text x="{label_w - 8}" y="{y + 14}" text-anchor="end" fill="#222">{_esc(label)}</text>')
         value_text = f"{fmt(bar['value'])} (goal {_goal_text(bar['goal'])})"
         if bar["score"] is None:
             mark = "✔ met" if bar["met"] else "✘ not met"
-            out.append(f'<text x="{x0 + 6}" y="{y + 14}" fill="{colour}">{mark}: {html.escape(value_text)}</text>')
+            out.append(f'<text x="{x0 + 6}" y="{y + 14}" fill="{colour}">{mark}: {_esc(value_text)}</text>')
             continue
         score = bar["score"]
         length = min(score, CAP) * unit if math.isfinite(score) else CAP * unit
         out.append(f'<rect x="{x0}" y="{y + 4}" width="{max(length, 1.5):.1f}" height="{row_h - 8}" fill="{colour}"/>')
         arrow = " ▶" if not math.isfinite(score) or score > CAP else ""
-        out.append(f'<text x="{x0 + length + 6:.1f}" y="{y + 14}" fill="#222">{html.escape(value_text)}{arrow}</text>')
+        out.append(f'<text x="{x0 + length + 6:.1f}" y="{y + 14}" fill="#222">{_esc(value_text)}{arrow}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

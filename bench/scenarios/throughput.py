@@ -133,9 +133,11 @@ def _variants(
         seen: list[float] = []
         deadline = time.monotonic() + DONE_TIMEOUT
         while keys:
-            left = deadline - time.monotonic()
-            got = client.blpop(list(keys), timeout=max(1, math.ceil(left))) if left > 0 else None
+            # Short BLPOPs: the Redis client's socket timeout (5 s by default) must outlast each one.
+            got = client.blpop(list(keys), timeout=2)
             if got is None:
+                if time.monotonic() < deadline:
+                    continue
                 log(f"{name}: {len(keys)} of {len(tokens)} runs gave no completion signal in {DONE_TIMEOUT:.0f} s")
                 lost[name] += len(keys)
                 break
