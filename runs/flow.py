@@ -99,12 +99,10 @@ def _hhmmss(when: datetime) -> str:
 
 # --- claim -----------------------------------------------------------------------------------------------------
 
-# Whatever runs_run columns the engine's Claim needs, in its order (runs.engine._CLAIM_RETURNING).
+# Claim the best queued run of a group if its limits allow one more; RETURNING what runs.engine.Claim needs.
 _CLAIM_NEXT_SQL = """
 WITH candidate AS (
-  SELECT id FROM runs_run
-   WHERE task_id = %(task)s AND status = 'queued'
-     AND concurrency_key_value IS NOT DISTINCT FROM %(ckey)s AND rate_key_value IS NOT DISTINCT FROM %(rkey)s
+  SELECT id FROM runs_run WHERE {group_queued}
    ORDER BY priority DESC, id
    LIMIT 1)
 UPDATE runs_run r
@@ -192,13 +190,14 @@ def claim_next(
             "SELECT pg_advisory_xact_lock(hashtextextended(name, 0)) FROM unnest(%s::text[]) AS name",
             [_lock_names(task_id, ckey, rkey)],
         )
-        cur.execute(_CLAIM_NEXT_SQL.format(returning=returning), params)
+        group_queued = _group_queued(ckey, rkey)
+        cur.execute(_CLAIM_NEXT_SQL.format(returning=returning, group_queued=group_queued), params)
         row = cur.fetchone()
         if row is not None:
             if params["rlimit"] is not None:
                 # Pass the turn on: the group's next run tries now, and if the window is full its refusal
                 # schedules the next ones — a few messages per window, not one per queued run.
-                _wake_best(cur, params, limit=1)
+                _wake_best(cur, params, group_queued, limit=1)
             return row
         cur.execute(_GROUP_STATE_SQL, params)
         running, window_opens = cur.fetchone()
@@ -208,7 +207,7 @@ def claim_next(
             # (the reasons below don't change from one refusal to the next).
             cur.execute(
                 f"""UPDATE runs_run SET status_reason = %(reason)s, enqueued_at = now()
-                     WHERE {_GROUP_QUEUED} AND status_reason <> %(reason)s""",
+                     WHERE {group_queued} AND status_reason <> %(reason)s""",
                 {**params, "reason": reason},
             )
         if wake_at is not None:
@@ -217,7 +216,7 @@ def claim_next(
             cur.execute(
                 f"""UPDATE runs_run SET wake_at = %(wake_at)s, enqueued_at = now(),
                            status_reason = %(reason)s || ' until ' || %(until)s
-                     WHERE id IN (SELECT id FROM runs_run WHERE {_GROUP_QUEUED}
+                     WHERE id IN (SELECT id FROM runs_run WHERE {group_queued}
                                    ORDER BY priority DESC, id LIMIT %(rlimit)s)
                        AND wake_at IS DISTINCT FROM %(wake_at)s""",
                 {**params, "reason": reason, "wake_at": wake_at, "until": _hhmmss(wake_at)},
@@ -226,15 +225,19 @@ def claim_next(
     return None
 
 
-_GROUP_QUEUED = """task_id = %(task)s AND status = 'queued'
-    AND concurrency_key_value IS NOT DISTINCT FROM %(ckey)s AND rate_key_value IS NOT DISTINCT FROM %(rkey)s"""
+def _group_queued(ckey: str | None, rkey: str | None) -> str:
+    """SQL for the queued runs of a group. `= %(key)s` / `IS NULL` rather than `IS NOT DISTINCT FROM`, which
+    no index can serve (run_concurrency_idx, run_rate_queued_idx)."""
+    ckey_sql = "concurrency_key_value IS NULL" if ckey is None else "concurrency_key_value = %(ckey)s"
+    rkey_sql = "rate_key_value IS NULL" if rkey is None else "rate_key_value = %(rkey)s"
+    return f"task_id = %(task)s AND status = 'queued' AND {ckey_sql} AND {rkey_sql}"
 
 
-def _wake_best(cur: Any, params: dict, *, limit: int) -> None:
+def _wake_best(cur: Any, params: dict, group_queued: str, *, limit: int) -> None:
     from runs import engine
 
     cur.execute(
-        f"SELECT id, queue, priority FROM runs_run WHERE {_GROUP_QUEUED} ORDER BY priority DESC, id LIMIT %(n)s",
+        f"SELECT id, queue, priority FROM runs_run WHERE {group_queued} ORDER BY priority DESC, id LIMIT %(n)s",
         {**params, "n": limit},
     )
     for run_id, queue, priority in cur.fetchall():

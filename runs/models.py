@@ -117,9 +117,15 @@ class Run(models.Model):
             GinIndex(fields=["tags"], name="run_tags_idx"),
             # flow.claim_next / flow.release_slots: a concurrency group's running runs and best queued run.
             models.Index(
-                fields=["task_id", "concurrency_key_value", "status"],
+                fields=["task_id", "concurrency_key_value", "status", "-priority", "id"],
                 name="run_concurrency_idx",
                 condition=Q(concurrency_key_value__isnull=False, status__in=["queued", "running"]),
+            ),
+            # flow.claim_next: the best queued run of a group limited by rate only.
+            models.Index(
+                fields=["task_id", "rate_key_value", "-priority", "id"],
+                name="run_rate_queued_idx",
+                condition=Q(rate_key_value__isnull=False, status="queued"),
             ),
             # flow.claim_next: a rate-limited group's recent starts.
             models.Index(

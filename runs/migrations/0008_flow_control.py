@@ -32,8 +32,16 @@ class Migration(migrations.Migration):
             model_name="run",
             index=models.Index(
                 condition=Q(concurrency_key_value__isnull=False, status__in=["queued", "running"]),
-                fields=["task_id", "concurrency_key_value", "status"],
+                fields=["task_id", "concurrency_key_value", "status", "-priority", "id"],
                 name="run_concurrency_idx",
+            ),
+        ),
+        migrations.AddIndex(
+            model_name="run",
+            index=models.Index(
+                condition=Q(rate_key_value__isnull=False, status="queued"),
+                fields=["task_id", "rate_key_value", "-priority", "id"],
+                name="run_rate_queued_idx",
             ),
         ),
         migrations.AddIndex(
