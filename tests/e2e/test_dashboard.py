@@ -521,3 +521,66 @@ def test_a_page_opened_mid_stream_shows_the_text_so_far_then_follows_it_live(
     expect(draft).to_have_class(re.compile(r"\bstep-completed\b"), timeout=LIVE)
     expect(draft.locator(".llm-text")).to_have_text(SLOW_REPLY, timeout=LIVE)
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
+
+
+def test_fork_with_an_edited_output_and_replay_with_an_edited_payload_from_the_run_page(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.txt"
+    run, _ = services.run_trigger(task_id="t-ten-steps", payload={"ledger": str(ledger), "steps": 3})
+    login(page, "olga")
+    wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED, timeout=30, what="the run to finish")
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+
+    # Fork from s3 with s2's output edited to 20: s1 and s2 are reused, only s3 runs again (1 + 20 + 3).
+    s3 = page.locator(f"#run-{run.pk}-steps > .step[data-key='s3']")
+    s3.locator("summary.step-line").click()
+    s3.locator("textarea[name=output]").fill("20")
+    s3.get_by_role("button", name="Fork from this step").click()
+    expect(page).not_to_have_url(re.compile(str(run.pk)))
+    fork_id = run_id_from_url(page)
+    expect(page.locator(f"#run-{fork_id}-header")).to_contain_text(f"Forked from{run.pk} at s3")
+    expect(page.locator(f"#run-{fork_id}-output")).to_contain_text('"total": 24', timeout=LIVE)
+    assert ledger_lines(ledger) == ["s1", "s2", "s3", "s3"]
+
+    # Replay the original with an edited payload: a new run, linked to it, with the new payload.
+    page.goto(f"/runs/{run.pk}/")
+    page.get_by_text("Replay (payload editable)").click()
+    page.locator(f"#run-{run.pk}-replay-payload").fill(json.dumps({"ledger": str(ledger), "steps": 2}))
+    page.get_by_role("button", name="Replay as a new run").click()
+    expect(page).not_to_have_url(re.compile(f"{run.pk}|{fork_id}"))
+    replay_id = run_id_from_url(page)
+    expect(page.locator(f"#run-{replay_id}-header")).to_contain_text(f"Replay of{run.pk}")
+    expect(page.locator(f"#run-{replay_id}-output")).to_contain_text('"total": 3', timeout=LIVE)
+    assert Run.objects.get(pk=replay_id).payload["steps"] == 2
+
+
+def test_the_list_shows_new_runs_live_and_a_bulk_cancel_by_filter_counts_first(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    login(page, "olga")
+    page.goto("/?tag=e2e-bulk")
+    wait_live(page)
+    expect(page.locator("#runs-empty")).to_be_visible()
+
+    # Runs started after the page opened appear on it, and change status in place.
+    payload = {"ledger": str(tmp_path / "l.txt"), "seconds": 3600}
+    runs = [services.run_trigger(task_id="t-sleep", payload=payload, tags=["e2e-bulk"])[0] for _ in range(3)]
+    other, _ = services.run_trigger(task_id="t-sleep", payload=payload, tags=["elsewhere"])
+    for run in runs:
+        expect(page.locator(f"#run-{run.pk}")).to_contain_text("Waiting", timeout=LIVE)
+    expect(page.locator(f"#run-{other.pk}")).to_have_count(0)  # not on this filtered page
+
+    page.locator("input[name=scope][value=filter]").check()
+    page.get_by_role("button", name="Cancel…").click()
+    confirm = page.get_by_role("button", name="Yes, cancel 3 runs")
+    expect(confirm).to_be_visible()
+    assert all(Run.objects.get(pk=run.pk).status == RunStatus.WAITING for run in runs)  # a dry run changes nothing
+    confirm.click()
+
+    expect(page.locator("#bulk-result")).to_contain_text("Cancel: 3 runs done.")
+    for run in runs:
+        expect(page.locator(f"#run-{run.pk}")).to_contain_text("Canceled", timeout=LIVE)
+    assert Run.objects.get(pk=other.pk).status == RunStatus.WAITING
+    services.run_cancel(run=Run.objects.get(pk=other.pk))
