@@ -45,5 +45,6 @@ def uuid7() -> uuid.UUID:
 def uuid7_floor(when: datetime) -> uuid.UUID:
     """The smallest uuid7 made at `when`: `id >= uuid7_floor(t)` is `created_at >= t` in the primary key's
     order, so a time window over runs can use the id indexes."""
-    ms = int(when.timestamp() * 1000)
+    # Clamped to what 48 bits of milliseconds hold: a filter may name any year (before 1970 or after 10889).
+    ms = min(max(int(when.timestamp() * 1000), 0), (1 << 48) - 1)
     return uuid.UUID(int=(ms << 80) | (0x7 << 76) | (0b10 << 62))
