@@ -240,6 +240,14 @@ def bench_table(document: dict) -> str:
     goals = [m for n in names for m in scenarios[n].get("goals_met", {}).values()]
     lines.append("")
     lines.append(f"**{sum(goals)} of {len(goals)} goals met.** {_provenance(document, names)}")
+    # Why a goal is missed, where the scenario knows (its result's `missed_because`).
+    why = [
+        f"- `{n}`: {_esc(str(scenarios[n]['missed_because']))}"
+        for n in names
+        if scenarios[n].get("missed_because") and not scenarios[n].get("met", True)
+    ]
+    if why:
+        lines += ["", "Goals missed, and why:", *why]
     lines.append("")
     lines.append(
         "Ratios (×) are Dex's figure over the baseline's, measured side by side in the same run (variants "

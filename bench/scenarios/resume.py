@@ -100,6 +100,11 @@ def run(env: BenchEnv) -> dict:
             "cases": {"exception": exception, "sigkill": sigkill},
             "sizes": {"repeats": len(sigkill), "steps": RESUME_STEPS, "fails_at": FAIL_AT, "lease_s": lease},
             "seconds": time.monotonic() - started,
+            "missed_because": (
+                "a worker renews its lease every third of it, so a dead worker's lease runs out 2/3 to 1 lease "
+                "after the kill; the scheduler then needs up to one tick (1 s) to re-queue the run, and the next "
+                "worker a moment to claim it: recovery is about lease + tick, not lease."
+            ),
             "method": (
                 "ledger = one line per step execution, appended by the step itself before it does anything "
                 "(outside the engine's transactions); re-executed = lines - distinct steps. "

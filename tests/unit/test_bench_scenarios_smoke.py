@@ -91,6 +91,22 @@ SAMPLE = {
             "met": False,
             "when": "2026-11-24T19:01:00+00:00",
         },
+        "resume": {
+            "figures": {"recovery_s_sigkill": 16.2},
+            "goal": {"recovery_s_sigkill": "<= 15"},
+            "goals_met": {"recovery_s_sigkill": False},
+            "met": False,
+            "missed_because": "the lease runs out a tick before the scheduler sees it",
+            "when": "2026-11-24T19:01:30+00:00",
+            "sizes_name": "quick",
+        },
+        "llm_savings": {  # a --tiny result (a smoke run) never reaches the README
+            "figures": {"llm_calls_retry": 1},
+            "goal": {"llm_calls_retry": "== 1"},
+            "goals_met": {"llm_calls_retry": True},
+            "met": True,
+            "sizes_name": "tiny",
+        },
         "faults": {
             "figures": {"reexecuted_committed_steps": 0, "stuck_runs": 0, "completed_fraction": 1.0},
             "goal": {"reexecuted_committed_steps": "== 0", "stuck_runs": "== 0"},
@@ -121,7 +137,9 @@ def test_the_report_renders_tables_between_the_markers_and_a_chart(tmp_path: Pat
     table = text.split(report.BENCH_BEGIN)[1].split(report.BENCH_END)[0]
     assert "| steps/s at N=100 | 2.4× <sub>(2.1–2.7)</sub> | DBOS, same concurrency | ≥ 2.0 | ✔ |" in table
     assert "| commit → message p50, 1 client (ms) | 3.25 |  | ≤ 5 | ✔ |" in table
-    assert "4 of 4 goals met" in table and "2026-11-24 to 2026-11-25" in table
+    assert "4 of 5 goals met" in table and "2026-11-24 to 2026-11-25" in table
+    assert "- `resume`: the lease runs out a tick before the scheduler sees it" in table
+    assert "LLM calls" not in table
     assert "docs/bench.svg" in table
     faults = text.split(report.FAULTS_BEGIN)[1].split(report.FAULTS_END)[0]
     assert "| sigkill | 10 | 20 | 10 | 0 |" in faults and "| stuck runs | 0 | = 0 | ✔ |" in faults
