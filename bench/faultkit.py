@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -707,11 +709,62 @@ def completed_steps_seen(events: list[tuple[str, Any]]) -> set[str]:
     return keys
 
 
+_STEP_ROW = re.compile(r'class="step step-(\w+)" data-key="([^"]+)"')
+
+
+class PageFollower(threading.Thread):
+    """A run page's websocket client (as the htmx extension is): reconnects whenever the socket drops and
+    records every step row it is sent; the consumer's snapshot on (re)connect is how it catches up."""
+
+    def __init__(self, port: int, run_id: str, cookie: str):
+        super().__init__(name="dex-page-follower", daemon=True)
+        self.url = f"ws://127.0.0.1:{port}/ws/runs/{run_id}/"
+        self.origin = f"http://127.0.0.1:{port}"
+        self.cookie = cookie
+        self.completed: set[str] = set()
+        self.connections = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from websockets.exceptions import WebSocketException
+        from websockets.sync.client import connect
+
+        while not self.stop.is_set():
+            try:
+                with connect(
+                    self.url, origin=self.origin, additional_headers={"Cookie": self.cookie}, open_timeout=5
+                ) as ws:
+                    self.connections += 1
+                    while not self.stop.is_set():
+                        with contextlib.suppress(TimeoutError):
+                            self._read(ws.recv(timeout=0.2))
+            except (OSError, WebSocketException):
+                self.stop.wait(0.2)  # daphne is down: try again, as the htmx extension does
+
+    def _read(self, html: str | bytes) -> None:
+        text = html.decode() if isinstance(html, bytes) else html
+        for status, key in _STEP_ROW.findall(text):
+            if status == "completed":
+                self.completed.add(key)
+
+
+def _session_cookie() -> str:
+    """A logged-in dashboard session (a viewer) for the websocket, made in the database daphne reads."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    user = get_user_model().objects.create_user(f"faults-{os.getpid()}-{time.time_ns()}", password=None)
+    client = Client()
+    client.force_login(user)
+    return f"sessionid={client.cookies['sessionid'].value}"
+
+
 def daphne_restart(
     cluster: Cluster, ledger: Path, *, secret: str, restarts: int = 1, steps: int = 10, pause: float = 0.25
 ) -> dict:
-    """A client follows a run's SSE stream while daphne is SIGKILLed and restarted `restarts` times; after
-    each restart it reconnects (the snapshot repairs what it missed). Missed = completed steps it never saw."""
+    """Two clients follow a run while daphne is SIGKILLed and restarted `restarts` times: its SSE stream
+    (JSON) and its dashboard page's websocket (HTML fragments). After each restart both reconnect, and the
+    snapshot sent on connect repairs what they missed. Missed = completed steps a client never learned of."""
     import http.client
 
     from runs import services
@@ -721,6 +774,8 @@ def daphne_restart(
     cluster.worker()
     payload = {"ledger": str(ledger), "steps": steps, "pause": pause}
     run, _ = services.run_trigger(task_id="fault-chain", payload=payload)
+    page = PageFollower(port, str(run.pk), _session_cookie())
+    page.start()
     events: list[tuple[str, Any]] = []
     connections = 0
     restarted = 0
@@ -759,6 +814,11 @@ def daphne_restart(
             break
     run.refresh_from_db()
     committed = set(run.steps.filter(status="completed").values_list("key", flat=True))
+    # The page gets the run's last step with its final repaint; give it a moment after the stream ended.
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: committed <= page.completed, timeout=10, what="the page to show every step")
+    page.stop.set()
+    page.join(timeout=10)
     missed = committed - completed_steps_seen(events)
     return {
         "status": run.status,
@@ -767,6 +827,8 @@ def daphne_restart(
         "steps_committed": len(committed),
         "missed_events": len(missed),
         "missed_steps": sorted(missed),
+        "page_connections": page.connections,
+        "page_missed_steps": len(committed - page.completed),
     }
 
 
