@@ -579,6 +579,9 @@ def poison_run(cluster: Cluster, ledger: Path, *, max_recoveries: int, timeout: 
     run.refresh_from_db()
     entries = [e for e in ledger_read(ledger) if e.run == str(run.pk)]
     return {
+        "runs": 1,
+        "faults": sum(e.step == "s2" for e in entries),  # each execution of the poison step killed its worker
+        "stuck_runs": int(run.status not in TERMINAL),
         "status": run.status,
         "error_type": (run.error or {}).get("type"),
         "recoveries": run.recoveries,
@@ -820,15 +823,20 @@ def daphne_restart(
     page.stop.set()
     page.join(timeout=10)
     missed = committed - completed_steps_seen(events)
+    page_missed = committed - page.completed
     return {
+        "runs": 1,
+        "faults": restarted,
+        "completed": int(run.status == "completed"),
+        "stuck_runs": int(run.status not in TERMINAL),
+        "missed_events": len(missed) + len(page_missed),  # both clients together
         "status": run.status,
         "daphne_restarts": restarted,
         "connections": connections,
         "steps_committed": len(committed),
-        "missed_events": len(missed),
-        "missed_steps": sorted(missed),
+        "stream_missed_steps": sorted(missed),
         "page_connections": page.connections,
-        "page_missed_steps": len(committed - page.completed),
+        "page_missed_steps": sorted(page_missed),
     }
 
 
@@ -845,6 +853,10 @@ def late_result(cluster: Cluster, ledger: Path, *, timeout: float = 60) -> dict:
     run.refresh_from_db()
     step = run.steps.get(key="s1")
     return {
+        "runs": 1,
+        "faults": 1,
+        "completed": int(run.status == "completed"),
+        "stuck_runs": int(run.status not in TERMINAL),
         "status": run.status,
         "output": run.output,
         "attempts": step.attempts,

@@ -143,7 +143,7 @@ def run(env: BenchEnv) -> dict:
         "inflight_reruns": inflight,
         "faults_injected": faults_total,
         "inflight_reruns_per_fault": round(inflight / faults_total, 3) if faults_total else 0,
-        "stuck_runs": sum(r["stuck_runs"] for r in counted) + int(results["daphne"]["status"] not in fk.TERMINAL),
+        "stuck_runs": sum(r["stuck_runs"] for r in results.values()),
         "missing_steps": sum(r["missing_steps"] for r in counted),
         "sigkills": sig.faults,
         "recovery_s_median": results["sigkill"].get("recovery_s_median"),
