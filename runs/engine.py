@@ -1209,7 +1209,12 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
         return _settle(claim, _Buffer(), RunStatus.TIMED_OUT, error=_timed_out_error(task))
 
     # A run's first execution has no steps yet (unless it is a fork, which starts with copied ones).
-    steps = _load_steps(claim.run_id) if claim.may_have_steps else []
+    try:
+        steps = _load_steps(claim.run_id) if claim.may_have_steps else []
+    except offload.OutputStorageError as exc:
+        # A recorded output can't be read back (storage down, blob deleted): replaying without it would be
+        # wrong. Fail the run saying why; a retry resumes from the same step once the storage is back.
+        return _settle(claim, _Buffer(), RunStatus.FAILED, error=error_info(exc))
     ctx = RunContext(claim=claim, task=task, steps=steps)
     realtime.publish_now(realtime.run_changed(claim.run_id, RunStatus.RUNNING), to_runs_list=True)
     _install_capture()

@@ -183,3 +183,15 @@ def test_a_missing_blob_is_a_clear_error_not_a_wrong_value(outputs_dir: Path):
         blob.unlink()
     with pytest.raises(offload.OutputStorageError, match="can't be read from the 'dex_outputs' storage"):
         Step.objects.get(run=run, key="big")
+
+
+def test_a_retry_whose_recorded_output_is_gone_fails_the_run_readably(outputs_dir: Path):
+    run = run_task(big_then_fails, {})
+    for blob in (outputs_dir / str(run.pk)).iterdir():
+        blob.unlink()
+    assert engine.run_retry_from_failed_step(run.pk)
+    run = drive(run)
+    assert run.status == RunStatus.FAILED
+    assert run.error["type"] == "OutputStorageError"
+    assert "can't be read from the 'dex_outputs' storage" in run.error["message"]
+    assert CALLS == ["big", "flaky"]  # nothing ran on a wrong value
