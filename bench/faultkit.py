@@ -782,7 +782,8 @@ def daphne_restart(
     events: list[tuple[str, Any]] = []
     connections = 0
     restarted = 0
-    kill_after = max(1, steps // (restarts + 1))
+    # Kill once the client has seen this many steps complete live on its current connection.
+    kill_after = max(1, min(3, steps // (restarts + 1)))
     while True:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", f"/api/runs/{run.pk}/stream", headers={"Authorization": f"Bearer {secret}"})
@@ -791,6 +792,7 @@ def daphne_restart(
             raise RuntimeError(f"the stream answered {response.status}: {response.read()[:500]!r}")
         connections += 1
         finished = False
+        live = 0  # steps seen completing on this connection (not in its snapshot)
         while True:
             try:
                 kind, data = read_sse(response)
@@ -805,8 +807,9 @@ def daphne_restart(
             if kind == "snapshot" and data["run"]["status"] in TERMINAL:
                 finished = True
                 break
-            seen = len(completed_steps_seen(events))
-            if restarted < restarts and seen >= kill_after * (restarted + 1):
+            live += kind == "step" and data.get("status") == "completed"
+            # Both clients are connected to this daphne before it dies.
+            if restarted < restarts and live >= kill_after and page.connections > restarted:
                 server.kill()
                 restarted += 1
                 time.sleep(pause * 2)  # steps complete while nobody listens
