@@ -203,24 +203,25 @@ def claim_next(
         running, window_opens = cur.fetchone()
         reason, wake_at = _refusal(task, params, running=running, window_opens=window_opens)
         if reason:
-            # Only rows whose reason changes are written, so a long queue isn't rewritten on every refusal
-            # (the reasons below don't change from one refusal to the next).
+            # For a rate limit, the runs that fit the next window (no more) get its time in their reason and a
+            # wake_at: the scheduler re-sends them then. The rest get a reason that doesn't change from one
+            # refusal to the next, and only rows whose reason changes are written: a long queue isn't
+            # rewritten on every refusal.
+            top = f"SELECT id FROM runs_run WHERE {group_queued} ORDER BY priority DESC, id LIMIT %(top)s"
+            values = {**params, "reason": reason, "top": params["rlimit"] if wake_at is not None else 0}
             cur.execute(
                 f"""UPDATE runs_run SET status_reason = %(reason)s, enqueued_at = now()
-                     WHERE {group_queued} AND status_reason <> %(reason)s""",
-                {**params, "reason": reason},
+                     WHERE {group_queued} AND status_reason <> %(reason)s AND id NOT IN ({top})""",
+                values,
             )
-        if wake_at is not None:
-            # The runs that can start when the window opens (no more) get re-sent then by the scheduler,
-            # with the time in their reason.
-            cur.execute(
-                f"""UPDATE runs_run SET wake_at = %(wake_at)s, enqueued_at = now(),
-                           status_reason = %(reason)s || ' until ' || %(until)s
-                     WHERE id IN (SELECT id FROM runs_run WHERE {group_queued}
-                                   ORDER BY priority DESC, id LIMIT %(rlimit)s)
-                       AND wake_at IS DISTINCT FROM %(wake_at)s""",
-                {**params, "reason": reason, "wake_at": wake_at, "until": _hhmmss(wake_at)},
-            )
+            if wake_at is not None:
+                values.update(wake_at=wake_at, dated=f"{reason} until {_hhmmss(wake_at)}")
+                cur.execute(
+                    f"""UPDATE runs_run SET wake_at = %(wake_at)s, enqueued_at = now(), status_reason = %(dated)s
+                         WHERE id IN ({top})
+                           AND (wake_at IS DISTINCT FROM %(wake_at)s OR status_reason <> %(dated)s)""",
+                    values,
+                )
     _publish_waiting(run_id)
     return None
 

@@ -117,6 +117,7 @@ def test_only_the_runs_that_fit_the_next_window_are_scheduled_for_it(django_capt
     for run in runs[1:5]:
         assert engine.run_claim(run.id, worker="w") is not None
     assert engine.run_claim(runs[11].id, worker="w") is None
+    assert engine.run_claim(runs[5].id, worker="w") is None  # a second refusal in the same window changes nothing
     waiting = list(Run.objects.filter(pk__in=[r.pk for r in runs[5:]]).order_by("id"))
     assert all(r.wake_at is not None and " until " in r.status_reason for r in waiting[:5])
     assert [(r.wake_at, r.status_reason) for r in waiting[5:]] == [(None, "rate limited (5 per 2s)")] * 2
