@@ -783,7 +783,7 @@ def daphne_restart(
     connections = 0
     restarted = 0
     # Kill once the client has seen this many steps complete live on its current connection.
-    kill_after = max(1, min(3, steps // (restarts + 1)))
+    kill_after = max(1, min(2, steps // (restarts + 1)))
     while True:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", f"/api/runs/{run.pk}/stream", headers={"Authorization": f"Bearer {secret}"})

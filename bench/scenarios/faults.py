@@ -118,7 +118,7 @@ def run(env: BenchEnv) -> dict:
     log(f"faults: daphne restarted {daphne_restarts}× under a connected stream client")
     c = cluster()
     results["daphne"] = fk.daphne_restart(
-        c, ledger("daphne"), secret=secret, restarts=daphne_restarts, steps=8 * (daphne_restarts + 1), pause=0.5
+        c, ledger("daphne"), secret=secret, restarts=daphne_restarts, steps=12 * (daphne_restarts + 1), pause=0.5
     )
     c.stop_all()
     log(f"  {results['daphne']}")
