@@ -128,12 +128,15 @@ def load(path: Path) -> dict:
             entry = json.loads(other.read_text())
         except (ValueError, OSError):
             continue
-        name = entry.get("scenario") if isinstance(entry, dict) else None
-        result = entry.get("result") if name else None
-        if not isinstance(result, dict):
+        if not isinstance(entry, dict):
             continue
-        if name not in scenarios or str(result.get("when", "")) > str(scenarios[name].get("when", "")):
-            scenarios[name] = result
+        # bench/run.py's per-scenario file, or another run's whole result file (`run.py --out bench/results/X.json`)
+        found = {str(entry["scenario"]): entry.get("result")} if "scenario" in entry else entry.get("scenarios") or {}
+        for name, result in found.items():
+            if not isinstance(result, dict):
+                continue
+            if name not in scenarios or str(result.get("when", "")) > str(scenarios[name].get("when", "")):
+                scenarios[name] = result
     # --tiny results only prove the harness runs (the smoke tests): they never reach the README.
     document["scenarios"] = {name: r for name, r in scenarios.items() if sizes_of(r) != "tiny"}
     return document

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             result["sizes_name"] = sizes.name
             results[module.NAME] = result
             _write(args.out, machine, sizes.name, config, results)
-            if sizes.name != "tiny":
+            if sizes.name != "tiny" and args.out.name != f"{module.NAME}.json":
                 # One file per scenario beside the result file: the report merges the newest of each.
                 _write_scenario(args.out.parent / f"{module.NAME}.json", module.NAME, result)
             _summary(module.NAME, result)
