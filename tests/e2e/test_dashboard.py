@@ -54,8 +54,9 @@ PASSWORD = "pw-e2e-123456"
 LIVE = 30_000  # ms: how long the page may take to show what the worker did
 # The local LLM server answers t-llm-chain's "draft" step (streamed) slowly, word by word, so a test can open
 # the run page in the middle of the stream.
-SLOW_REPLY = " ".join(f"word{i:02d}" for i in range(40)) + " — the end."
-LLM_SCRIPT = {"rules": [{"contains": "draft Summary", "reply": SLOW_REPLY, "chunk_delay": 0.12}]}
+# ~9 s of streaming: time enough to open the page mid-stream on a loaded CI machine.
+SLOW_REPLY = " ".join(f"word{i:02d}" for i in range(60)) + " — the end."
+LLM_SCRIPT = {"rules": [{"contains": "draft Summary", "reply": SLOW_REPLY, "chunk_delay": 0.15}]}
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ from django.urls import path, resolve
 from django.utils import timezone
 
 from runs.api import api
+from runs.ids import uuid7_floor
 from runs.models import ApiKey, Run, RunStatus, Step, StepKind, StepStatus
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls(__name__)]
@@ -280,10 +281,12 @@ def test_it_does_not_repeat_runs_on_the_next_page_when_new_runs_arrive(client: C
 
 
 def test_it_filters_runs_by_status_task_tag_and_creation_time(client: Client) -> None:
-    failed = make_run(status=RunStatus.FAILED, tags=["nightly"])
+    # Made two days ago: its uuid7 id carries that instant too (time filters also bound the id, which is indexed).
+    two_days_ago = timezone.now() - timedelta(days=2)
+    failed = make_run(status=RunStatus.FAILED, tags=["nightly"], id=uuid7_floor(two_days_ago))
     completed = make_run(status=RunStatus.COMPLETED)
     other_task = make_run(task_id="t-flaky", status=RunStatus.FAILED, payload={"ledger": "/tmp/x"})
-    Run.objects.filter(pk=failed.pk).update(created_at=timezone.now() - timedelta(days=2))
+    Run.objects.filter(pk=failed.pk).update(created_at=two_days_ago)
 
     def ids(query: str) -> list[str]:
         response = client.get(f"/api/runs?{query}")
