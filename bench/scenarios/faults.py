@@ -36,6 +36,17 @@ GOAL = {
     "late_result_rejected": "== 1",
 }
 
+# How each fault is named in the README's reliability table.
+LABELS = {
+    "sigkill": "SIGKILL of the process executing a step",
+    "duplicates": "duplicate deliveries to 2 racing workers",
+    "redis": "Redis down (triggers keep arriving)",
+    "postgres": "Postgres restarted mid-run",
+    "daphne": "daphne restarted under SSE + websocket clients",
+    "poison": "poison run (kills its worker every time)",
+    "late": "step result after its timeout",
+}
+
 COUNTS = {
     #        sigkills, sigkill runs, redis down s, redis triggers, pg restarts, daphne restarts, duplicate copies
     "full": (20, 10, 30.0, 30, 3, 3, 5),
@@ -168,7 +179,7 @@ def run(env: BenchEnv) -> dict:
         "goal": GOAL,
         "met": all(goals_met.values()),
         "goals_met": goals_met,
-        "detail": results,
+        "detail": {LABELS[key]: value for key, value in results.items()},
         "seconds": round(time.monotonic() - started, 1),
         "note": (
             "Real worker/scheduler/daphne processes; Redis and Postgres outages use private servers started by "
