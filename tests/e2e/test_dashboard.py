@@ -225,8 +225,8 @@ def step_rows(page: Page, run_id: Any):
 
 def wait_live(page: Page, *, snapshot: bool = True) -> None:
     """The page's websocket is open (base.html's #connection indicator, driven by static/js/dex.js) and, with
-    `snapshot`, the snapshot the server sends on connect has been swapped in: it replaces the header (and any
-    approval form in it), so filling a form before it lands would fill a form about to be thrown away."""
+    `snapshot`, the snapshot the server sends on connect has been swapped in: it replaces the header and its
+    action forms (an approval's form is kept, hx-preserve), so a test acts on the page the server last sent."""
     expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=LIVE)
     if snapshot:
         wait_js(page, "() => window.__dexWsMessages > 0", what="the snapshot")
