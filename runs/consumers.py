@@ -40,6 +40,46 @@ def _authenticated(scope: dict[str, Any]) -> bool:
 CLOSE_TOO_BIG = 1009
 
 
+class SharedReads:
+    """Single-flight reads for the consumers of one process.
+
+    Every consumer of a group receives the same event at the same moment, and each would run the same query
+    on channels' one database thread, one after another: with 100 watchers of a run, a step's push waited for
+    99 other identical reads. The first consumer to ask for (what, *args) runs the read; the others asking
+    while it is in flight await its result. Nothing is kept after the read returns, so a later event always
+    reads afresh (never an older state than the event announced).
+    """
+
+    def __init__(self) -> None:
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+
+    async def get(self, fn: Any, *args: Any) -> Any:
+        key = (fn, *args)
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(database_sync_to_async(fn)(*args))
+            self._inflight[key] = future
+            future.add_done_callback(lambda done: self._forget(key, done))
+        # shield: one consumer disconnecting mid-read must not cancel the read the others are waiting on.
+        return await asyncio.shield(future)
+
+    def _forget(self, key: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is done:
+            del self._inflight[key]
+
+
+shared_reads = SharedReads()
+
+
+def _rendered(obj: Any, key: tuple[Any, ...], render: Any) -> str:
+    """`render()`, memoised on the (shared, read-once) model instance `obj` under `key`: the watchers that got
+    the same read and need the same fragment (same oob target, same permissions) share one rendering."""
+    cache = obj.__dict__.setdefault("_dex_rendered", {})
+    if key not in cache:
+        cache[key] = render()
+    return cache[key]
+
+
 class CappedConsumer(AsyncWebsocketConsumer):
     """Inbound frames over settings.DEX_MAX_WS_MESSAGE_BYTES close the socket (1009) unread: the dashboard
     sends nothing big, so a big frame is abuse (daphne's own cap, 1 MiB by default, is far looser)."""
@@ -91,7 +131,7 @@ class RunListConsumer(CappedConsumer):
         event = message["event"]
         if event["kind"] != "run":
             return
-        run = await database_sync_to_async(fragments.run_get_or_none)(event["run_id"])
+        run = await shared_reads.get(fragments.run_get_or_none, event["run_id"])
         if run is None:  # deleted, or another database's run on a shared Redis
             return
         for html in self._place(run):
@@ -107,7 +147,10 @@ class RunListConsumer(CappedConsumer):
                 return [fragments.render_remove(f"run-{run.pk}")]
             return []
         if run.pk in self.shown:
-            return [fragments.render_run_row(run, is_operator=self.is_operator)]
+            row = _rendered(
+                run, ("row", self.is_operator), lambda: fragments.render_run_row(run, is_operator=self.is_operator)
+            )
+            return [row]
         if len(self.shown) >= fragments.RUN_LIST_LIMIT and run.pk < self.shown[-1]:
             return []  # older than every run shown: not on this page
         older = [pk for pk in self.shown if pk < run.pk]
@@ -202,16 +245,21 @@ class RunDetailConsumer(CappedConsumer):
             # also repairs anything a lost event left out.
             await self._send_snapshot()
             return
-        run = await database_sync_to_async(fragments.run_detail_get_or_none)(self.run_id)
+        run = await shared_reads.get(fragments.run_detail_get_or_none, self.run_id)
         if run is not None:
             self.run = run
-            await self.send(text_data=fragments.render_run_status(run, can_operate=self.can_operate))
+            html = _rendered(
+                run,
+                ("status", self.can_operate),
+                lambda: fragments.render_run_status(run, can_operate=self.can_operate),
+            )
+            await self.send(text_data=html)
 
     async def _on_step(self, data: dict[str, Any]) -> None:
         key = data.get("key")
         if not key:
             return
-        step = await database_sync_to_async(fragments.step_get_or_none)(self.run_id, key)
+        step = await shared_reads.get(fragments.step_get_or_none, self.run_id, key)
         attempt = int(data.get("attempt") or 1)
         if data.get("status") == "running" and (step is None or step.attempts < attempt):
             # A new attempt started; its row is written when it settles.
@@ -230,11 +278,21 @@ class RunDetailConsumer(CappedConsumer):
         else:
             oob = f"outerHTML:#{current}"
         self.step_rows[step.key] = dom_id
-        return fragments.render_step(
-            step,
-            oob=oob,
-            run_pk=self.run_id,
-            can_operate=self.can_operate,
-            timeline=self.timeline.extended_to_now(),
-            **live,
+
+        def render() -> str:
+            return fragments.render_step(
+                step,
+                oob=oob,
+                run_pk=self.run_id,
+                can_operate=self.can_operate,
+                timeline=self.timeline.extended_to_now(),
+                **live,
+            )
+
+        if not isinstance(step, Step):
+            return render()  # a pending row, made for this consumer alone
+        # Watchers of the same run share its timeline's start; the bar's width is drawn against "now" by
+        # whichever renders first, within the same event.
+        return _rendered(
+            step, ("step", oob, self.can_operate, self.timeline.start, tuple(sorted(live.items()))), render
         )

@@ -29,11 +29,14 @@ that loop (the same for the Redis subscribers, whose p99 is reported beside it).
 With --tiny the 100-client variants use 5. The 100-client variants run in the first MANY_REPEATS repeats (2 with
 --quick: a 100-client round takes about a minute today, see below) and get no warm-up round of their own.
 
-What the 100-client figure shows (first measured 2026-11-24, 33–40 s p99): every consumer, for every step event
-(two per step: running, completed), fetches the step through channels' `database_sync_to_async`, which runs on
-one thread per daphne process shared by all consumers, and renders its fragment on the event loop. 100 clients
-x 20 events are served one after another, so pushes queue up for tens of seconds (nothing is lost: the figure
-`lost_messages` stays 0). Raw Redis fan-out to the same 100 subscribers stays at ~20 ms p99.
+What the 100-client figure shows. First measured 2026-11-24 at 33–40 s p99 (3.7 s on a quiet box): every
+consumer, for every step event (two per step: running, completed), fetched the step through channels'
+`database_sync_to_async`, which runs on one thread per daphne process shared by all consumers, and rendered
+its own fragment: 100 clients x 20 events were served one after another. Since then the consumers of a process
+share one read per event (runs.consumers.SharedReads, single-flight) and one rendering per fragment: 144 ms p99
+on a quiet box. What is left is sending 100 websocket frames per event from one event loop (daphne's and,
+in this bench, the clients' own loop too): p50 at 100 clients is ~50 ms. Raw Redis fan-out to the same 100
+subscribers stays at ~7 ms p99.
 """
 
 from __future__ import annotations
@@ -167,11 +170,10 @@ def run(env: BenchEnv) -> dict:
             },
             "seconds": time.monotonic() - started,
             "missed_because": (
-                "daphne serves every consumer's database reads on one thread (channels' database_sync_to_async) "
-                "and renders each client's fragment on its event loop, one client and one event after another: "
-                "at 100 clients pushes queue for seconds (none is lost), while raw Redis fans the same messages "
-                "out in milliseconds. Reading and rendering a step once per event for all its watchers would "
-                "remove the queue."
+                "one read and one rendering per event are shared by all the watchers of a run in a daphne process, "
+                "but each client's frame is still sent from one event loop, one after another (and this bench's "
+                "100 clients share one loop too): p99 at 100 clients is a few hundred ms where raw Redis fans "
+                "out in ~7 ms. Several daphne processes behind a proxy spread the watchers."
             ),
             "method": (
                 "commit = worker's wall clock read first thing in runs.realtime.publish_now, which the engine "
