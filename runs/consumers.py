@@ -214,6 +214,8 @@ class RunDetailConsumer(CappedConsumer):
         self.metadata: dict[str, Any] = dict(context["metadata"])
         # step key -> the id of its row on the client
         self.step_rows: dict[str, str] = {step.key: fragments.step_dom_id(step) for step in context["steps"]}
+        # step key -> characters of its token stream the client shows (the snapshot's stored text, then pushes)
+        self.streamed: dict[str, int] = {key: len(text) for key, text in context["tokens"].items()}
         await self.send(text_data=fragments.render_run_snapshot(context))
         return True
 
@@ -233,11 +235,7 @@ class RunDetailConsumer(CappedConsumer):
             self.metadata[data["key"]] = data.get("value")
             await self.send(text_data=fragments.render_metadata(self.run, self.metadata))
         elif kind == "token":
-            dom_id = self.step_rows.get(data.get("key", ""))
-            if dom_id and data.get("reset"):
-                await self.send(text_data=fragments.render_tokens_reset(dom_id))
-            elif dom_id and data.get("text"):
-                await self.send(text_data=fragments.render_tokens(dom_id, data["text"]))
+            await self._on_token(data)
 
     async def _on_run(self, data: dict[str, Any]) -> None:
         if data.get("status") in TERMINAL_STATUSES:
@@ -254,6 +252,38 @@ class RunDetailConsumer(CappedConsumer):
                 lambda: fragments.render_run_status(run, can_operate=self.can_operate),
             )
             await self.send(text_data=html)
+
+    async def _on_token(self, data: dict[str, Any]) -> None:
+        key = data.get("key", "")
+        dom_id = self.step_rows.get(key)
+        if not dom_id:
+            return
+        if data.get("reset"):
+            self.streamed[key] = 0
+            await self.send(text_data=fragments.render_tokens_reset(dom_id))
+            return
+        text = data.get("text") or ""
+        offset = data.get("offset")
+        shown = self.streamed.get(key, 0)
+        if not text:
+            return
+        if not isinstance(offset, int):  # a worker of an older version: append as it comes
+            await self.send(text_data=fragments.render_tokens(dom_id, text))
+            return
+        end = offset + len(text)
+        if end <= shown:
+            return  # the snapshot already had it (stored between joining the group and reading)
+        if offset > shown:
+            # Published before this socket joined, stored after the snapshot's read: read it back. If it
+            # isn't stored yet, wait for the next piece (the worker stores every 0.25 s; the final repaint
+            # when the step settles shows the whole text in any case).
+            stored = await shared_reads.get(fragments.streamed_text, self.run_id, key)
+            if len(stored) < offset:
+                return
+            text = stored[shown:offset] + text
+            offset = shown
+        self.streamed[key] = end
+        await self.send(text_data=fragments.render_tokens(dom_id, text[shown - offset :]))
 
     async def _on_step(self, data: dict[str, Any]) -> None:
         key = data.get("key")

@@ -195,6 +195,19 @@ def _streaming_tokens(run_pk: UUID) -> dict[str, str]:
     return {key: "".join(parts) for key, (_attempt, parts) in latest.items()}
 
 
+def streamed_text(run_pk: UUID | str, key: str) -> str:
+    """The text stored so far for one LLM step's latest attempt."""
+    rows = StepChunk.objects.filter(run_id=run_pk, step_key=key).order_by("-attempt", "seq")
+    latest: int | None = None
+    parts: list[str] = []
+    for attempt, text in rows.values_list("attempt", "text"):
+        if latest is not None and attempt != latest:
+            break
+        latest = attempt
+        parts.append(text)
+    return "".join(parts)
+
+
 @dataclass(frozen=True)
 class PendingWait:
     """An open waitpoint of the run. An approval carries an unbound instance of its form, if it has one."""

@@ -63,15 +63,18 @@ class _ChunkSink:
         self._key = step_key
         self.attempt = attempt
         self._seq = 0
+        self._offset = 0  # characters of this attempt published so far
         self._buffer: list[str] = []
         self._last_flush = time.monotonic()
 
     def add(self, text: str) -> None:
         if not text:
             return
-        realtime.publish_now(
-            realtime.RunEvent("token", self._ctx.run_id, {"key": self._key, "text": text, "attempt": self.attempt})
-        )
+        # The offset lets a page that connected mid-stream skip what its snapshot already showed and notice
+        # what was published before it joined but not stored yet (runs.consumers reads that back).
+        data = {"key": self._key, "text": text, "attempt": self.attempt, "offset": self._offset}
+        realtime.publish_now(realtime.RunEvent("token", self._ctx.run_id, data))
+        self._offset += len(text)
         self._buffer.append(text)
         if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
             self.flush()
@@ -94,6 +97,7 @@ class _ChunkSink:
         self.flush()
         self.attempt += 1
         self._seq = 0
+        self._offset = 0
         realtime.publish_now(
             realtime.RunEvent("token", self._ctx.run_id, {"key": self._key, "reset": True, "attempt": self.attempt})
         )

@@ -27,7 +27,7 @@ from django.utils import timezone
 from dexweb.asgi import application
 from runs import fragments, realtime, sse
 from runs.consumers import RunListConsumer
-from runs.models import ApiKey, Run, RunStatus, Step, StepStatus
+from runs.models import ApiKey, Run, RunStatus, Step, StepChunk, StepStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -202,6 +202,46 @@ def test_it_shows_a_retry_attempt_running_on_the_existing_row(cookie: str) -> No
             assert 'hx-swap-oob="true"' in html
             assert "status-running" in html and "attempt 2" in html
             assert "Traceback: boom" in html  # the earlier attempt's error stays visible
+        finally:
+            await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_page_opened_mid_stream_shows_each_streamed_character_once(cookie: str) -> None:
+    run = make_run()
+    StepChunk.objects.create(run=run, step_key="answer", attempt=1, seq=0, text="Hello ")
+    tokens_id = fragments.step_dom_id(fragments.PendingStep(key="answer")) + "-tokens"
+
+    def piece(offset: int, text: str) -> None:
+        data = {"key": "answer", "attempt": 1, "offset": offset, "text": text}
+        realtime.publish_now(realtime.RunEvent("token", str(run.pk), data))
+
+    async def scenario() -> None:
+        comm = socket(f"/ws/runs/{run.pk}/", cookie=cookie)
+        connected, _ = await comm.connect()
+        assert connected
+        try:
+            snapshot = await comm.receive_from(timeout=10)
+            assert f'id="{tokens_id}"' in snapshot and "Hello " in snapshot
+
+            # Published after this socket joined but stored before its snapshot read it: not shown twice.
+            piece(0, "Hello ")
+            piece(6, "wor")
+            html = await receive_until(comm, lambda m: tokens_id in m)
+            assert ">wor<" in html
+
+            # Published before this socket joined, stored since: read back and shown before the new piece.
+            await _sync(lambda: StepChunk.objects.create(run=run, step_key="answer", attempt=1, seq=1, text="world"))
+            piece(11, ", hi")
+            html = await receive_until(comm, lambda m: tokens_id in m)
+            assert ">ld, hi<" in html
+
+            # A gap not stored yet waits for a later piece; nothing is shown out of order.
+            piece(30, "later")
+            piece(15, "!")
+            html = await receive_until(comm, lambda m: tokens_id in m)
+            assert ">!<" in html and "later" not in html
         finally:
             await comm.disconnect()
 
