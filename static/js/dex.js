@@ -48,6 +48,8 @@
   window.dexOlderVersion = olderThan;
   document.addEventListener("htmx:oobBeforeSwap", function (evt) {
     var incoming = evt.detail.fragment, target = evt.detail.target;
+    // For an outerHTML swap (hx-swap-oob="true") htmx hands over a DocumentFragment holding the region.
+    if (incoming && !incoming.getAttribute) { incoming = incoming.firstElementChild; }
     if (incoming && incoming.getAttribute && target && target.getAttribute &&
         olderThan(incoming.getAttribute("data-version"), target.getAttribute("data-version"))) {
       evt.detail.shouldSwap = false;
