@@ -308,7 +308,8 @@ DEX_ALERT_MAX_ATTEMPTS = env_int("DEX_ALERT_MAX_ATTEMPTS", 6)
 # The n-th retry of a delivery waits initial * 4**(n-1) seconds, at most an hour.
 DEX_ALERT_RETRY_INITIAL_SECONDS = env_float("DEX_ALERT_RETRY_INITIAL_SECONDS", 10.0)
 DEX_ALERT_TIMEOUT_SECONDS = env_float("DEX_ALERT_TIMEOUT_SECONDS", 10.0)
-# How often the scheduler looks for lost alerts and deliveries, and how far back. A scan is three statements:
+# How often the scheduler looks for lost alerts and due deliveries (retries wait for the first scan after their
+# back-off), and how far back. A scan is three statements:
 # every 60 s keeps an idle scheduler near one statement a second (bench parked: idle_queries_per_s).
 DEX_ALERT_SCAN_SECONDS = env_float("DEX_ALERT_SCAN_SECONDS", 60.0)
 DEX_ALERT_LOOKBACK_SECONDS = env_float("DEX_ALERT_LOOKBACK_SECONDS", 24 * 3600)

@@ -6,11 +6,13 @@ How an alert travels:
    kind: INSERT ... ON CONFLICT DO NOTHING) and one AlertDelivery per destination, and sends a
    `dex.deliver_alert` message per delivery on commit.
 2. The Celery task claims the delivery with a conditional UPDATE (so two messages never send it twice at
-   once), sends it (a signed webhook or an email), records the attempt, and retries with back-off up to
-   DEX_ALERT_MAX_ATTEMPTS.
-3. The scheduler calls `alerts_scan` every DEX_ALERT_SCAN_SECONDS as a backstop: it raises the alerts a lost
-   settle hook or a dead-lettered run never raised, raises "stuck" alerts for runs waiting on an event or
-   approval longer than DEX_ALERT_STUCK_SECONDS, and re-sends deliveries whose message was lost.
+   once), sends it (a signed webhook or an email) and records the attempt. A failed attempt sets the row's
+   next_attempt_at (back-off, up to DEX_ALERT_MAX_ATTEMPTS): like a run's retry, the back-off is parked in
+   Postgres, not held by a worker as a Celery countdown message.
+3. The scheduler calls `alerts_scan` every DEX_ALERT_SCAN_SECONDS: it raises the alerts a lost settle hook or
+   a dead-lettered run never raised, raises "stuck" alerts for runs waiting on an event or approval longer
+   than DEX_ALERT_STUCK_SECONDS, and sends the deliveries that are due: retries whose back-off is over, and
+   first attempts whose message was lost.
 
 Destinations: the rows edited at /alerts/, the settings (DEX_ALERT_WEBHOOK_URL + DEX_ALERT_WEBHOOK_SECRET,
 DEX_ALERT_EMAILS) and the task's own `@task(alerts=[url or email, ...])`.
@@ -185,15 +187,15 @@ def alerts_run_settled(run_id: UUID | str, status: str) -> None:
         log.exception("run %s: raising its %s alert failed; the scheduler's alert scan will retry", run_id, status)
 
 
-def delivery_enqueue_on_commit(delivery_id: int, *, countdown: float | None = None) -> None:
-    transaction.on_commit(lambda: _enqueue(delivery_id, countdown))
+def delivery_enqueue_on_commit(delivery_id: int) -> None:
+    transaction.on_commit(lambda: _enqueue(delivery_id))
 
 
-def _enqueue(delivery_id: int, countdown: float | None) -> None:
+def _enqueue(delivery_id: int) -> None:
     from runs.tasks import deliver_alert
 
     try:
-        deliver_alert.apply_async((delivery_id,), queue=settings.DEX_DEFAULT_QUEUE, countdown=countdown)
+        deliver_alert.apply_async((delivery_id,), queue=settings.DEX_DEFAULT_QUEUE)
     except Exception:  # the broker is down: the scheduler's scan re-sends due deliveries
         log.warning("alert delivery %s: could not reach the broker; the scan will re-send it", delivery_id)
 
@@ -416,7 +418,8 @@ SELECT DISTINCT ON (w.run_id) w.run_id, w.kind, coalesce(nullif(w.event_name, ''
 _RESEND_SQL = """
 WITH due AS (
   SELECT id FROM runs_alertdelivery
-   WHERE status = 'pending' AND next_attempt_at < now() - make_interval(secs => %(grace)s)
+   WHERE status = 'pending'
+     AND next_attempt_at < now() - CASE WHEN attempts = 0 THEN make_interval(secs => %(grace)s) ELSE '0s' END
    ORDER BY next_attempt_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
 UPDATE runs_alertdelivery d SET next_attempt_at = now() FROM due WHERE d.id = due.id RETURNING d.id
 """
@@ -449,7 +452,8 @@ def alerts_scan(*, batch: int = 200) -> ScanResult:
         detail = {"waiting": f"{kind} {what}".strip(), "waiting_since": since.isoformat()}
         if run_id in runs and alert_raise(run=runs[run_id], kind=AlertKind.STUCK, detail=detail) is not None:
             result.stuck += 1
-    # A message older than its due time by this much was lost (the broker restarted, a worker died mid-send).
+    # A retry is sent as soon as its back-off is over (an attempt in flight holds next_attempt_at ahead); a first
+    # attempt's message older than this was lost (the broker restarted, a worker died mid-send).
     grace = max(30.0, settings.DEX_ALERT_TIMEOUT_SECONDS * 3)
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(_RESEND_SQL, {"grace": grace, "batch": batch})

@@ -16,13 +16,11 @@ def execute_run(run_id: str) -> None:
     engine.run_execute(run_id)
 
 
-@shared_task(name="dex.deliver_alert", bind=True, acks_late=True, ignore_result=True, max_retries=None)
-def deliver_alert(self, delivery_id: int) -> None:
-    """One attempt at an alert delivery (runs.alerts); a failed one comes back after its back-off."""
+@shared_task(name="dex.deliver_alert", acks_late=True, ignore_result=True)
+def deliver_alert(delivery_id: int) -> None:
+    """One attempt at an alert delivery (runs.alerts). A failed attempt's back-off is the delivery row's
+    next_attempt_at: the scheduler's alert scan sends it again when due (no ETA message held by a worker)."""
     from runs import alerts
 
     close_old_connections()
-    attempt = alerts.delivery_send(delivery_id)
-    wait = attempt.retry_in if attempt.retry_in is not None else attempt.not_due
-    if wait is not None:
-        raise self.retry(countdown=wait)
+    alerts.delivery_send(delivery_id)

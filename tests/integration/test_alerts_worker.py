@@ -29,6 +29,8 @@ def test_a_failing_run_sends_one_signed_webhook_retried_after_a_500_and_an_email
             DEX_ALERT_RETRY_INITIAL_SECONDS="0.3",
             DEX_EMAIL_BACKEND="django.core.mail.backends.console.EmailBackend",
         )
+        # The retry after the 500 is sent by the scheduler's alert scan once its back-off is over.
+        processes.scheduler(DEX_ALERT_SCAN_SECONDS="0.2")
         run, _ = services.run_trigger(task_id="t-fails", payload={"ledger": str(ledger), "nonretriable": True})
 
         webhook = AlertDelivery.objects.filter(alert__run=run, channel="webhook")

@@ -150,9 +150,13 @@ def test_a_webhook_is_signed_and_a_500_is_retried_with_back_off(receiver: Receiv
     assert delivery.history[0]["status"] == 500 and "HTTP 500: receiver is down" in delivery.last_error
     assert delivery.next_attempt_at > timezone.now()
     assert alerts.delivery_send(delivery.pk).not_due  # not before its back-off
+    assert alerts.alerts_scan().resent == 0  # the back-off waits in Postgres, not in a countdown message
     assert receiver.count() == 1
 
     _due_now(delivery)
+    connection.run_on_commit.clear()
+    assert alerts.alerts_scan().resent == 1  # due: the scheduler's scan sends it again (after commit)
+    connection.run_on_commit.clear()  # the broker is not part of this test
     assert alerts.delivery_send(delivery.pk).ok
     delivery.refresh_from_db()
     assert delivery.status == AlertDeliveryStatus.DELIVERED and delivery.attempts == 2
