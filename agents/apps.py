@@ -6,6 +6,6 @@ class AgentsConfig(AppConfig):
     verbose_name = "Dex agents"
 
     def ready(self) -> None:
-        from agents.registry import registry
+        from runs.sdk.registry import registry
 
         registry.autodiscover()

@@ -143,10 +143,10 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "runs.security_headers.security_headers_middleware",
+    "runs.web.security_headers.security_headers_middleware",
     # Static files (htmx, its ws extension, our css) from daphne itself, DEBUG or not: no proxy needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "runs.middleware.ApiBodyLimitMiddleware",
+    "runs.api.middleware.ApiBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -195,7 +195,7 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(exist_ok=True)  # WhiteNoise warns on every start when it is missing
 
-# --- Large outputs (runs/offload.py) and retention (runs/retention.py) ----------------------------------
+# --- Large outputs (runs/offload.py) and retention (runs/ops/retention.py) ----------------------------------
 
 # A step or run output whose JSON is larger than this goes to the "dex_outputs" storage; the row keeps a reference.
 DEX_OUTPUT_INLINE_MAX_BYTES = env_int("DEX_OUTPUT_INLINE_MAX_BYTES", 64 * 1024)
@@ -296,7 +296,7 @@ DEX_LLM_PRICING = env_str("DEX_LLM_PRICING") or None
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = DEX_MAX_PAYLOAD_BYTES + 64 * 1024
 
-# Alerts (runs/alerts.py): global destinations on top of those edited at /alerts/ and `@task(alerts=...)`.
+# Alerts (runs/ops/alerts.py): global destinations on top of those edited at /alerts/ and `@task(alerts=...)`.
 DEX_ALERT_WEBHOOK_URL = env_str("DEX_ALERT_WEBHOOK_URL")
 DEX_ALERT_WEBHOOK_SECRET = env_str("DEX_ALERT_WEBHOOK_SECRET")
 if DEX_ALERT_WEBHOOK_URL and not DEX_ALERT_WEBHOOK_SECRET:
@@ -323,7 +323,7 @@ EMAIL_HOST_USER = env_str("DEX_EMAIL_USER")
 EMAIL_HOST_PASSWORD = env_str("DEX_EMAIL_PASSWORD")
 EMAIL_USE_TLS = env_bool("DEX_EMAIL_USE_TLS", False)
 
-# GET /metrics (runs/metrics.py): Prometheus scrapes with `Authorization: Bearer <this>`; staff may look too.
+# GET /metrics (runs/ops/metrics.py): Prometheus scrapes with `Authorization: Bearer <this>`; staff may look too.
 DEX_METRICS_TOKEN = env_str("DEX_METRICS_TOKEN")
 
 LOGGING = {
@@ -331,8 +331,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        # One JSON object a line, with run_id / task / step when logged inside a run (runs/jsonlog.py).
-        "json": {"()": "runs.jsonlog.JsonFormatter"},
+        # One JSON object a line, with run_id / task / step when logged inside a run (runs/ops/jsonlog.py).
+        "json": {"()": "runs.ops.jsonlog.JsonFormatter"},
     },
     "handlers": {
         "console": {

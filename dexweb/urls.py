@@ -2,9 +2,9 @@ from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path
 
-from runs import sse
-from runs.api import api
-from runs.metrics import metrics_view
+from runs.api import sse
+from runs.api.views import api
+from runs.ops.metrics import metrics_view
 
 
 def api_not_found(request: HttpRequest) -> JsonResponse:
@@ -20,5 +20,5 @@ urlpatterns = [
     path("api/runs/<uuid:run_id>/stream", sse.run_stream, name="api-run-stream"),
     path("api/", api.urls),
     re_path(r"^api/", api_not_found),
-    path("", include("runs.urls")),
+    path("", include("runs.web.urls")),
 ]

@@ -5,8 +5,9 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from runs import schedules, services
+from runs import services
 from runs.models import ApiKey, LogLine, Run, Schedule, ScheduleSource, Step
+from runs.ops import schedules
 
 
 class StepInline(admin.TabularInline):
@@ -116,7 +117,7 @@ class ScheduleAdminForm(forms.ModelForm):
 
 @admin.register(Schedule)
 class ScheduleAdmin(admin.ModelAdmin):
-    """Saves through runs.schedules (validation, next_run_at); code schedules are read-only here."""
+    """Saves through runs.ops.schedules (validation, next_run_at); code schedules are read-only here."""
 
     form = ScheduleAdminForm
     list_display = ("task_id", "cron", "timezone", "enabled", "source", "next_run_at", "last_run_at", "last_error")

@@ -1,6 +1,6 @@
 """Dex's record: runs, their steps (with every attempt), log lines and API keys.
 
-State changes do not live here: they are conditional UPDATEs in runs/engine.py (the one module that moves
+State changes do not live here: they are conditional UPDATEs in runs/engine/ (the one module that moves
 states). The partial indexes below exist for specific queries; each names the code that uses it.
 """
 
@@ -80,7 +80,7 @@ class Run(models.Model):
     # An approved "budget exceeded — continue?" raises the run's own cap above the task's budget_usd.
     budget_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
 
-    # Flow control (runs/flow.py), resolved at trigger time from the task's options and the payload: the
+    # Flow control (runs/engine/flow.py), resolved at trigger time from the task's options and the payload: the
     # concurrency / rate-limit / debounce key of the run; NULL when the task had no such limit ("" = no key).
     # NULL and "" mean different things here, hence null=True on text (and the claim tests IS NULL).
     concurrency_key_value = models.CharField(max_length=255, null=True, blank=True)  # noqa: DJ001
@@ -318,7 +318,7 @@ class ScheduleSource(models.TextChoices):
 
 
 class Schedule(models.Model):
-    """A cron schedule that starts runs of a task. Written through runs/schedules.py, which validates it
+    """A cron schedule that starts runs of a task. Written through runs/ops/schedules.py, which validates it
     and keeps `next_run_at` (the next slot, in UTC) in step with `cron` and `timezone`."""
 
     task_id = models.CharField(max_length=200)
@@ -485,7 +485,7 @@ class LlmCacheEntry(models.Model):
         return f"{self.model} {self.request_hash[:12]}"
 
 
-# --- alerts (runs/alerts.py) ------------------------------------------------------------------------------------
+# --- alerts (runs/ops/alerts.py) ------------------------------------------------------------------------------------
 
 
 class AlertKind(models.TextChoices):

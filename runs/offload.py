@@ -7,7 +7,7 @@ the engine's fenced write commits the row, and the row keeps a small reference i
 
 Keys are content-addressed inside their run's prefix, so writing the same output again (a retried step, a
 second worker that lost its lease) writes the same key and changes nothing. A blob whose row never committed
-is an orphan until its run is pruned: runs.retention deletes a pruned run's whole `<run id>/` prefix.
+is an orphan until its run is pruned: runs.ops.retention deletes a pruned run's whole `<run id>/` prefix.
 
 Reads are transparent: `OutputField` (Step.output, Run.output) loads the blob when a row is read, so the
 engine's replay, the API, the pages and the downloads all see the value itself. Outputs under the limit never

@@ -14,9 +14,10 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from agents.registry import registry
-from runs import engine, flow, realtime
+from runs import engine, realtime
+from runs.engine import flow
 from runs.models import ApiKey, Run, RunStatus
+from runs.sdk.registry import registry
 
 
 class RunStateError(Exception):
@@ -38,7 +39,7 @@ def run_trigger(
     """Create a run of `task_id` (validating its payload) and enqueue it on commit.
 
     Returns (run, created): with an `idempotency_key` already used for this task within its TTL, the
-    existing run and False. Raises agents.registry.UnknownTask and pydantic.ValidationError.
+    existing run and False. Raises runs.sdk.registry.UnknownTask and pydantic.ValidationError.
     """
     task = registry.get(task_id)
     stored = payload if validated else task.validate_payload(payload)

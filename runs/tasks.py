@@ -18,9 +18,9 @@ def execute_run(run_id: str) -> None:
 
 @shared_task(name="dex.deliver_alert", acks_late=True, ignore_result=True)
 def deliver_alert(delivery_id: int) -> None:
-    """One attempt at an alert delivery (runs.alerts). A failed attempt's back-off is the delivery row's
+    """One attempt at an alert delivery (runs.ops.alerts). A failed attempt's back-off is the delivery row's
     next_attempt_at: the scheduler's alert scan sends it again when due (no ETA message held by a worker)."""
-    from runs import alerts
+    from runs.ops import alerts
 
     close_old_connections()
     alerts.delivery_send(delivery_id)

@@ -18,10 +18,10 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from agents.registry import registry
 from runs import engine
 from runs.models import TERMINAL_STATUSES, Run, RunStatus
 from runs.sdk import Task
+from runs.sdk.registry import registry
 
 
 class RunDidNotFinish(AssertionError):

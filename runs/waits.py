@@ -20,9 +20,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from agents.registry import registry
 from runs import engine
 from runs.models import Event, Waitpoint, WaitpointKind
+from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
 

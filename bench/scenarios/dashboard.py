@@ -224,8 +224,8 @@ class Database:
         from django.contrib.auth.models import Group
         from django.test import Client
 
-        from runs.audit import roles_ensure
         from runs.models import Run
+        from runs.ops.audit import roles_ensure
 
         user, _ = get_user_model().objects.get_or_create(username="bench-operator")
         roles_ensure()

@@ -2,7 +2,7 @@
 
 Real parts: the bench starts daphne (dexweb.asgi, its own port), a Celery worker and websocket clients (the
 `websockets` library, in this process's event loop) logged in with a session cookie, each on the run's page
-socket `/ws/runs/<id>/` (runs/consumers.py: the consumer renders each step event into an HTML fragment from
+socket `/ws/runs/<id>/` (runs/web/consumers.py: the consumer renders each step event into an HTML fragment from
 Postgres and sends it).
 
 The run is `bench-paced` (bench/scenario_agents.py): 10 no-op steps PAUSE apart, so each push is measured on
@@ -33,7 +33,7 @@ What the 100-client figure shows. First measured 2026-11-24 at 33–40 s p99 (3.
 consumer, for every step event (two per step: running, completed), fetched the step through channels'
 `database_sync_to_async`, which runs on one thread per daphne process shared by all consumers, and rendered
 its own fragment: 100 clients x 20 events were served one after another. Since then the consumers of a process
-share one read per event (runs.consumers.SharedReads, single-flight) and one rendering per fragment: 144 ms p99
+share one read per event (runs.web.consumers.SharedReads, single-flight) and one rendering per fragment: 144 ms p99
 on a quiet box. What is left is sending 100 websocket frames per event from one event loop (daphne's and,
 in this bench, the clients' own loop too): p50 at 100 clients is ~50 ms. Raw Redis fan-out to the same 100
 subscribers stays at ~7 ms p99.

@@ -71,7 +71,7 @@ class _ChunkSink:
         if not text:
             return
         # The offset lets a page that connected mid-stream skip what its snapshot already showed and notice
-        # what was published before it joined but not stored yet (runs.consumers reads that back).
+        # what was published before it joined but not stored yet (runs.web.consumers reads that back).
         data = {"key": self._key, "text": text, "attempt": self.attempt, "offset": self._offset}
         realtime.publish_now(realtime.RunEvent("token", self._ctx.run_id, data))
         self._offset += len(text)

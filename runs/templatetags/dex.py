@@ -7,7 +7,7 @@ from typing import Any
 
 from django import template
 
-from runs import fragments
+from runs.web import fragments
 
 register = template.Library()
 

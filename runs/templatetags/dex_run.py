@@ -8,7 +8,7 @@ from typing import Any
 
 from django import template
 
-from runs import fragments
+from runs.web import fragments
 
 register = template.Library()
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from django import template
 
-from runs import audit
+from runs.ops import audit
 
 register = template.Library()
 

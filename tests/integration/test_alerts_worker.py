@@ -11,8 +11,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from runs import alerts, services
+from runs import services
 from runs.models import Alert, AlertDelivery, AlertDeliveryStatus, AlertDestination, Run, RunStatus
+from runs.ops import alerts
 from tests.conftest import wait_for
 from tests.webhooks import Receiver
 

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from runs import schedules
 from runs.models import Run, RunStatus, Schedule, ScheduleSource
+from runs.ops import schedules
 from tests.agents import ledger_lines
 from tests.conftest import wait_for
 from tests.integration.test_worker import finished

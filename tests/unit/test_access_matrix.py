@@ -41,8 +41,8 @@ from runs.models import (
     StepStatus,
     WaitpointKind,
 )
-from runs.routing import websocket_urlpatterns
 from runs.waits import waitpoint_create
+from runs.web.routing import websocket_urlpatterns
 
 pytestmark = pytest.mark.django_db
 

@@ -16,8 +16,6 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from agents.registry import registry
-from runs import alerts
 from runs.models import (
     Alert,
     AlertDelivery,
@@ -29,7 +27,9 @@ from runs.models import (
     RunStatus,
     WaitpointKind,
 )
+from runs.ops import alerts
 from runs.sdk import task
+from runs.sdk.registry import registry
 from runs.testing import run_task
 from runs.waits import waitpoint_create
 from tests.webhooks import Receiver

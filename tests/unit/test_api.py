@@ -23,7 +23,7 @@ from django.test import Client
 from django.urls import path, resolve
 from django.utils import timezone
 
-from runs.api import api
+from runs.api.views import api
 from runs.ids import uuid7_floor
 from runs.models import ApiKey, Run, RunStatus, Step, StepKind, StepStatus
 

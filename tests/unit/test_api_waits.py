@@ -9,7 +9,7 @@ from django.test import Client
 from django.urls import path
 
 from runs import engine
-from runs.api import api
+from runs.api.views import api
 from runs.models import ApiKey, Run, RunStatus, Waitpoint
 from tests.unit.test_api import post
 

@@ -25,9 +25,11 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from dexweb.asgi import application
-from runs import fragments, realtime, sse
-from runs.consumers import RunListConsumer
+from runs import realtime
+from runs.api import sse
 from runs.models import ApiKey, Run, RunStatus, Step, StepChunk, StepStatus
+from runs.web import fragments
+from runs.web.consumers import RunListConsumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

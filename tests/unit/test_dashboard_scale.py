@@ -27,8 +27,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from runs.audit import roles_ensure
 from runs.models import Run, Step
+from runs.ops.audit import roles_ensure
 
 pytestmark = pytest.mark.django_db
 

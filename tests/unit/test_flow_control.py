@@ -1,4 +1,4 @@
-"""Flow control at claim time (runs/flow.py): the claim statements and their query counts, the reasons a run
+"""Flow control at claim time (runs/engine/flow.py): the claim statements and their query counts, the reasons a run
 waits, debounce at trigger time, the scheduler's re-send of rate-limited runs, the SDK's options."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from django.test import Client
 from django.utils import timezone
 
 import tests.flow_agents  # noqa: F401  (registers the flow-control test tasks)
-from runs import engine, flow, services
-from runs.audit import roles_ensure
+from runs import engine, services
+from runs.engine import flow
 from runs.models import Run, RunStatus
+from runs.ops.audit import roles_ensure
 from runs.sdk import task
 from runs.testing import drive
 

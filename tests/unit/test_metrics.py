@@ -14,11 +14,11 @@ from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.registry import registry
-from runs import alerts
-from runs.jsonlog import JsonFormatter
 from runs.models import AlertDelivery, AlertDestination, AlertKind, Run, RunStatus, Step, StepStatus
+from runs.ops import alerts
+from runs.ops.jsonlog import JsonFormatter
 from runs.sdk import task
+from runs.sdk.registry import registry
 from runs.testing import run_task
 
 pytestmark = pytest.mark.django_db

@@ -11,8 +11,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
-from runs import offload, retention
+from runs import offload
 from runs.models import AuditEntry, LogLine, Run, RunStatus, Schedule, Step, StepChunk, StepStatus
+from runs.ops import retention
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,6 @@ from django.contrib.auth.models import Group, Permission
 from django.test import Client
 from django.utils import timezone
 
-from runs import fragments
 from runs.models import (
     AuditEntry,
     LogLine,
@@ -27,6 +26,7 @@ from runs.models import (
     WaitpointKind,
 )
 from runs.templatetags.dex_run import JSON_PREVIEW_CHARS
+from runs.web import fragments
 
 pytestmark = pytest.mark.django_db
 

@@ -18,12 +18,13 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from runs import bulk, fragments, selectors
-from runs.audit import roles_ensure
-from runs.consumers import RunListConsumer
+from runs import selectors
 from runs.ids import uuid7_floor
 from runs.models import AuditEntry, Run, RunStatus, Step, StepStatus
+from runs.ops.audit import roles_ensure
 from runs.selectors import RunListFilters
+from runs.web import bulk, fragments
+from runs.web.consumers import RunListConsumer
 
 pytestmark = pytest.mark.django_db
 

@@ -1,4 +1,4 @@
-"""The run page's status regions carry the version of the read they were rendered from (runs.fragments
+"""The run page's status regions carry the version of the read they were rendered from (runs.web.fragments
 READ_VERSION_SQL), so the browser can drop a region older than the one it shows (static/js/dex.js; the e2e test
 `test_an_older_header_never_replaces_a_newer_one` checks the browser side)."""
 
@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from runs import fragments
 from runs.models import Run, RunStatus
+from runs.web import fragments
 
 pytestmark = pytest.mark.django_db
 

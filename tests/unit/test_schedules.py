@@ -8,11 +8,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.db.models.functions import Now
 
-from agents.registry import registry
-from runs import schedules
 from runs.models import Run, Schedule, ScheduleSource
-from runs.schedules import ScheduleInvalid, ScheduleOwnedByCode
+from runs.ops import schedules
+from runs.ops.schedules import ScheduleInvalid, ScheduleOwnedByCode
 from runs.sdk import task
+from runs.sdk.registry import registry
 
 pytestmark = pytest.mark.django_db
 

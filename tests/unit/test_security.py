@@ -24,11 +24,11 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
-from agents.registry import registry
 from dexweb.asgi import application
 from runs import redact
 from runs.models import ApiKey, ApiKeyScope, LogLine, Run, RunStatus, apikey_all_scopes
 from runs.sdk import NonRetriableError, task
+from runs.sdk.registry import registry
 from runs.testing import run_task
 
 pytestmark = pytest.mark.django_db

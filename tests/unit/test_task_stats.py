@@ -15,9 +15,9 @@ from django.test import Client
 from django.utils import timezone
 
 from runs import selectors
-from runs.audit import roles_ensure
 from runs.ids import uuid7_floor
 from runs.models import Run, RunStatus, Step, StepKind, StepStatus
+from runs.ops.audit import roles_ensure
 
 pytestmark = pytest.mark.django_db
 

@@ -33,10 +33,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
-from agents.registry import registry
 from dexweb import embedded
 from dexweb.supervisor import ChildSpec, Supervisor
 from runs.ai.providers import real_provider_configured
+from runs.sdk.registry import registry
 
 DEV_USERNAME = "admin"
 LLM_PORT = 8090

@@ -25,10 +25,10 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from agents.registry import UnknownTask, registry
 from runs import services
-from runs.audit import audit_record
 from runs.models import Event, Run, RunStatus
+from runs.ops.audit import audit_record
+from runs.sdk.registry import UnknownTask, registry
 from runs.waits import event_send
 
 MAX_LIMIT = 1000

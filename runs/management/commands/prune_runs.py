@@ -3,7 +3,7 @@
     manage.py prune_runs --older-than 30d [--status completed --status canceled] [--task T] [--dry-run]
                          [--batch-size 500]
 
-Algorithm (runs.retention.runs_prune):
+Algorithm (runs.ops.retention.runs_prune):
 1. pick up to --batch-size finished runs (completed/failed/canceled/timed_out, or the --status ones) whose
    finished_at is older than --older-than, oldest first, skipping runs another process holds and children
    whose parent is still unfinished;
@@ -19,8 +19,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from runs import retention
 from runs.models import TERMINAL_STATUSES
+from runs.ops import retention
 
 
 class Command(BaseCommand):

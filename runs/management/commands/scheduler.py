@@ -31,7 +31,8 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connection
 
-from runs import alerts, engine, retention, schedules
+from runs import engine
+from runs.ops import alerts, retention, schedules
 
 log = logging.getLogger("dex.scheduler")
 

@@ -24,7 +24,8 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 
-from runs import apiauth, realtime
+from runs import realtime
+from runs.api import keyauth
 from runs.models import TERMINAL_STATUSES, ApiKeyScope, Run
 
 HEARTBEAT_SECONDS = 15.0
@@ -84,8 +85,8 @@ def _sse(event: str, data: Any) -> str:
 @require_GET
 async def run_stream(request: HttpRequest, run_id: UUID) -> HttpResponse:
     try:
-        await database_sync_to_async(apiauth.authenticate)(request, scope=ApiKeyScope.READ.value)
-    except apiauth.ApiAuthError as exc:
+        await database_sync_to_async(keyauth.authenticate)(request, scope=ApiKeyScope.READ.value)
+    except keyauth.ApiAuthError as exc:
         response = _error(exc.status, exc.code, exc.message)
         if exc.retry_after is not None:
             response["Retry-After"] = str(exc.retry_after)

@@ -120,7 +120,7 @@ class Task:
     events: list[str] = field(default_factory=list)
     schedule: str | None = None
     budget_usd: float | None = None
-    # Extra alert destinations for this task's runs: webhook URLs and email addresses (runs/alerts.py).
+    # Extra alert destinations for this task's runs: webhook URLs and email addresses (runs/ops/alerts.py).
     alerts: list[str] = field(default_factory=list)
     description: str = ""
 
@@ -216,7 +216,7 @@ def task(
 ) -> Callable[[Callable[..., Any]], Task]:
     """Register a function as a Dex task. The function takes the run context first, then its payload.
 
-    Flow control (enforced in Postgres when a run is claimed, across all workers; see runs/flow.py):
+    Flow control (enforced in Postgres when a run is claimed, across all workers; see runs/engine/flow.py):
 
     - `concurrency=N`: at most N runs of the task execute at once; with `concurrency_key="user_id"` (a
       dotted path into the payload) at most N *per key*. A parked run (sleep, wait) holds no slot. Runs over
@@ -248,7 +248,7 @@ def task(
         raise ValueError("rate_limit must be (n, period) with n ≥ 1, e.g. (5, timedelta(seconds=10))")
 
     def decorate(fn: Callable[..., Any]) -> Task:
-        from agents.registry import registry
+        from runs.sdk.registry import registry
 
         limit = None
         if rate_limit is not None:

@@ -18,8 +18,8 @@ import pydantic
 from django import forms
 from pydantic_core import PydanticUndefined
 
-from agents.registry import registry
 from runs.models import ApiKeyScope, Schedule, apikey_all_scopes
+from runs.sdk.registry import registry
 
 # Field-name prefix of the payload fields, so a payload field called `tags` or `delay` can't collide with the
 # run options of the same form.

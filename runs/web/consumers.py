@@ -4,7 +4,7 @@ Each consumer authorises before accepting, joins its group *before* accepting (s
 snapshot's read and the join is missed), then sends the current snapshot: on every (re)connect the client is
 repaired from Postgres, because the channel layer is at-most-once. After that each `run.event` (a small
 runs.realtime.RunEvent) is turned into HTML fragments with `hx-swap-oob`, rendered from the database with the
-same partials as the pages (runs.fragments).
+same partials as the pages (runs.web.fragments).
 
 A consumer remembers which rows its client shows (which run rows, which step rows and under which id), so it
 knows whether a fragment replaces a row or adds one. That mirror is exact because the client applies every
@@ -23,10 +23,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http import QueryDict
 
-from runs import audit, fragments, realtime
+from runs import realtime
 from runs.models import TERMINAL_STATUSES, Run, Step
-from runs.run_filters import RunFilterForm
+from runs.ops import audit
 from runs.selectors import RunListFilters
+from runs.web import fragments
+from runs.web.run_filters import RunFilterForm
 
 log = logging.getLogger(__name__)
 

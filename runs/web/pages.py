@@ -24,15 +24,15 @@ from django.utils.module_loading import import_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseClientRedirect
 
-from agents.registry import UnknownTask, registry
-from runs import forms as dex_forms
 from runs import selectors, services
-from runs.audit import audit_record, is_operator
 from runs.models import ApiKey, Event, Run, Schedule, ScheduleSource, Waitpoint, WaitpointKind
-from runs.permissions import operator_required
-from runs.schedules import ScheduleInvalid, ScheduleOwnedByCode, schedule_create, schedule_delete, schedule_update
+from runs.ops.audit import audit_record, is_operator
+from runs.ops.schedules import ScheduleInvalid, ScheduleOwnedByCode, schedule_create, schedule_delete, schedule_update
 from runs.sdk import Task
+from runs.sdk.registry import UnknownTask, registry
 from runs.waits import WaitpointError, event_send, waitpoint_complete
+from runs.web import forms as dex_forms
+from runs.web.permissions import operator_required
 
 RECENT_EVENTS = 50
 PENDING_APPROVALS = 100

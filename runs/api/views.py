@@ -28,10 +28,11 @@ from ninja.errors import ValidationError as RequestValidationError
 from ninja.parser import Parser
 from ninja.security import HttpBearer
 
-from agents.registry import UnknownTask, registry
-from runs import apiauth, selectors, services
+from runs import selectors, services
+from runs.api import keyauth
 from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatus
 from runs.sdk import Task
+from runs.sdk.registry import UnknownTask, registry
 from runs.services import RunStateError
 from runs.waits import WaitpointError as _WaitpointError
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 class ApiKeyAuth(HttpBearer):
     """`Authorization: Bearer <api key>`: a live, unexpired key holding the endpoint's `scope`, within its
-    rate limit (runs.apiauth). `scope=None` demands every scope, so an endpoint that forgets to declare one
+    rate limit (runs.api.keyauth). `scope=None` demands every scope, so an endpoint that forgets to declare one
     is closed rather than open."""
 
     def __init__(self, scope: str | None = None):
@@ -52,10 +53,10 @@ class ApiKeyAuth(HttpBearer):
     def __call__(self, request: HttpRequest) -> ApiKey:
         # HttpBearer.__call__ answers every failure with the same bare 401; a client deserves to know
         # whether the header is missing, malformed, names a bad or expired key, or lacks a scope.
-        return apiauth.authenticate(request, scope=self.scope)
+        return keyauth.authenticate(request, scope=self.scope)
 
     def authenticate(self, request: HttpRequest, token: str) -> ApiKey:  # pragma: no cover - __call__ overrides
-        return apiauth.authenticate(request, scope=self.scope)
+        return keyauth.authenticate(request, scope=self.scope)
 
 
 def scoped(scope: ApiKeyScope) -> ApiKeyAuth:
@@ -73,7 +74,7 @@ class StrictJSONParser(Parser):
 
     def parse_body(self, request: HttpRequest) -> Any:
         limit = settings.DEX_MAX_PAYLOAD_BYTES
-        # runs.middleware refuses a Content-Length over the limit; a chunked body has none, so measure it here.
+        # runs.api.middleware refuses a Content-Length over the limit; a chunked body has none, so measure it here.
         if len(request.body) > limit:
             raise RequestDataTooBig(f"the request body is {len(request.body):,} bytes; the limit is {limit:,} bytes")
         return json.loads(request.body, parse_constant=_refuse_json_constant)
@@ -686,8 +687,8 @@ def _on_unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpR
     return response
 
 
-@api.exception_handler(apiauth.ApiAuthError)
-def _on_auth_error(request: HttpRequest, exc: apiauth.ApiAuthError) -> HttpResponse:
+@api.exception_handler(keyauth.ApiAuthError)
+def _on_auth_error(request: HttpRequest, exc: keyauth.ApiAuthError) -> HttpResponse:
     response = error_response(exc.status, exc.code, exc.message)
     if exc.status == 401:
         response["WWW-Authenticate"] = 'Bearer realm="dex"'

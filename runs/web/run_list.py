@@ -1,7 +1,7 @@
 """The Runs list (`/`), bulk actions on runs (`/runs/bulk/`) and the audit log (`/audit/`).
 
-Thin: filters come from runs.run_filters, reads from runs.selectors / runs.fragments (the same reads the
-run-list socket uses), writes from runs.bulk. `request.htmx` only picks the partial to render.
+Thin: filters come from runs.web.run_filters, reads from runs.selectors / runs.web.fragments (the same reads the
+run-list socket uses), writes from runs.web.bulk. `request.htmx` only picks the partial to render.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from runs import bulk, fragments, selectors
-from runs.audit import is_operator
-from runs.permissions import operator_required
-from runs.run_filters import FILTER_FIELDS, RunFilterForm, filter_querystring
+from runs import selectors
+from runs.ops.audit import is_operator
+from runs.web import bulk, fragments
+from runs.web.permissions import operator_required
+from runs.web.run_filters import FILTER_FIELDS, RunFilterForm, filter_querystring
 
 
 class HtmxHttpRequest(HttpRequest):

@@ -10,7 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 
-from runs.audit import is_operator
+from runs.ops.audit import is_operator
 
 View = TypeVar("View", bound=Callable[..., HttpResponse])
 

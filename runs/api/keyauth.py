@@ -1,6 +1,6 @@
 """Who is calling the HTTP API, and may they: `Authorization: Bearer <api key>`, the key's expiry and scopes,
-and the rate limits (runs.ratelimit). Shared by the django-ninja endpoints (runs.api) and the SSE stream
-(runs.sse), so both answer a bad key, a missing scope or a flood the same way.
+and the rate limits (runs.api.ratelimit). Shared by the django-ninja endpoints (runs.api.views) and the SSE stream
+(runs.api.sse), so both answer a bad key, a missing scope or a flood the same way.
 
 Failures are ApiAuthError(status, code, message): 401 missing / malformed / unknown / revoked / expired key,
 403 a key without the endpoint's scope, 429 over a rate limit (with `retry_after`).
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from django.http import HttpRequest
 
-from runs import ratelimit, services
+from runs import services
+from runs.api import ratelimit
 from runs.models import ApiKey, ApiKeyScope
 
 

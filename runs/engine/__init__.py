@@ -33,9 +33,9 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
-from agents.registry import UnknownTask, registry
-from runs import alerts, offload, realtime
+from runs import offload, realtime
 from runs.models import Run, RunStatus, StepKind, StepStatus
+from runs.ops import alerts
 from runs.redact import redact
 from runs.sdk import (
     Cancelled,
@@ -46,6 +46,7 @@ from runs.sdk import (
     StepTimeout,
     Task,
 )
+from runs.sdk.registry import UnknownTask, registry
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _enqueue(run_id: Any, *, queue: str = "", priority: int = 0) -> None:
     if override is not None:
         override(str(run_id))
         return
-    from runs.flow import broker_priority
+    from runs.engine.flow import broker_priority
     from runs.tasks import execute_run
 
     try:
@@ -192,7 +193,7 @@ class Claim:
 _CLAIM_RETURNING = """task_id, payload, lease_token, cancel_requested_at IS NOT NULL, executed_seconds, executions,
           replay_of_id IS NOT NULL, cost_usd, budget_usd"""
 
-# A run without flow-control limits is claimed by the UPDATE. A limited one (runs/flow.py) is not: the
+# A run without flow-control limits is claimed by the UPDATE. A limited one (runs/engine/flow.py) is not: the
 # second branch hands back its group (task and keys) for flow.claim_next, still in one round trip.
 _CLAIM_SQL = f"""
 WITH claimed AS (
@@ -227,7 +228,7 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
         return None
     claimed, ckey, rkey, *row = row
     if not claimed:
-        from runs import flow
+        from runs.engine import flow
 
         task_id = row[0]
         task = registry.get(task_id) if task_id in registry else None
@@ -1372,7 +1373,7 @@ def run_park(
 def _release_slot(claim: Claim, concurrency_key: str) -> None:
     """The run left `running` (settled or parked): hand its concurrency slot to the group's best queued run.
     A failure here only delays them: the scheduler re-sends queued runs nobody claimed."""
-    from runs import flow
+    from runs.engine import flow
 
     task = registry.get(claim.task_id) if claim.task_id in registry else None
     try:
@@ -1588,7 +1589,7 @@ def scheduler_tick(*, batch: int = 500) -> TickResult:
 
 def _release_dead_letter_slots(run_ids: list[Any]) -> None:
     """A dead-lettered run left `running` without settling: hand its concurrency slot on (flow control)."""
-    from runs import flow
+    from runs.engine import flow
 
     groups = set(
         Run.objects.filter(pk__in=run_ids, concurrency_key_value__isnull=False).values_list(

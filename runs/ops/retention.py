@@ -141,7 +141,7 @@ def runs_prune(
     else:
         result.more = True
     if result.runs:
-        from runs.audit import audit_record
+        from runs.ops.audit import audit_record
 
         audit_record(
             user=None,

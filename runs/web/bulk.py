@@ -20,10 +20,10 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from pydantic import ValidationError
 
-from agents.registry import UnknownTask
 from runs import services
-from runs.audit import audit_record, is_operator
 from runs.models import ACTIVE_STATUSES, AuditEntry, Run, RunStatus
+from runs.ops.audit import audit_record, is_operator
+from runs.sdk.registry import UnknownTask
 from runs.selectors import RunListFilters, run_queryset
 
 BulkAction = Literal["retry", "cancel", "replay"]

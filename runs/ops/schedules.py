@@ -23,9 +23,9 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
-from agents.registry import UnknownTask, registry
 from runs import services
 from runs.models import Run, Schedule, ScheduleSource
+from runs.sdk.registry import UnknownTask, registry
 
 log = logging.getLogger("dex.schedules")
 

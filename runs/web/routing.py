@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from runs import consumers
+from runs.web import consumers
 
 websocket_urlpatterns = [
     path("ws/runs/", consumers.RunListConsumer.as_asgi(), name="ws-runs"),

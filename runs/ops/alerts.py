@@ -106,7 +106,7 @@ def destinations_for(*, task_id: str, kind: str) -> list[Target]:
 
 
 def _task_or_none(task_id: str) -> Any:
-    from agents.registry import UnknownTask, registry
+    from runs.sdk.registry import UnknownTask, registry
 
     try:
         return registry.get(task_id)

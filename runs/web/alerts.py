@@ -18,11 +18,11 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from agents.registry import registry
-from runs import alerts
-from runs.audit import audit_record, is_operator
 from runs.models import AlertChannel, AlertDelivery, AlertDeliveryStatus, AlertDestination, AlertKind
-from runs.permissions import operator_required
+from runs.ops import alerts
+from runs.ops.audit import audit_record, is_operator
+from runs.sdk.registry import registry
+from runs.web.permissions import operator_required
 
 RECENT_DELIVERIES = 50
 _RUN_KINDS = [(k.value, k.label) for k in alerts.RUN_ALERT_KINDS]
