@@ -16,10 +16,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 def _run_scope() -> dict[str, str]:
     """The run and step being executed by this thread, if any (the engine's context variable)."""
-    engine = sys.modules.get("runs.engine")  # never import the engine from a formatter: apps may not be ready
-    if engine is None:
+    context = sys.modules.get("runs.engine.context")  # never import the engine from a formatter: apps may not be ready
+    if context is None:
         return {}
-    scope = engine._current_scope.get()
+    scope = context.current_scope.get()
     if scope is None:
         return {}
     ctx, step_key = scope

@@ -180,8 +180,8 @@ def test_a_stale_lease_holder_can_not_write():
         assert engine.scheduler_tick().recovered == 1
     second = engine.run_claim(run.id, worker="b")
     assert second is not None and second.token == first.token + 1
-    assert engine._fenced_write(first, engine._Buffer()) is None
-    assert engine._fenced_write(second, engine._Buffer()) is not None
+    assert engine.fenced_write(first, engine.Buffer()) is None
+    assert engine.fenced_write(second, engine.Buffer()) is not None
 
 
 def test_the_scheduler_wakes_due_runs_recovers_dead_workers_and_resends_lost_wakeups(settings):

@@ -1,0 +1,100 @@
+"""Run state changes made from outside a run's execution: wake, cancel, retry."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from uuid import UUID
+
+from django.db import connection, transaction
+
+from runs import realtime
+from runs.engine.codec import now
+from runs.engine.dispatch import enqueue_on_commit
+from runs.models import Run, RunStatus
+
+log = logging.getLogger(__name__)
+
+
+def runs_wake(run_ids: list[Any]) -> int:
+    """Re-queue waiting runs whose wait was completed (an event, an approval); enqueue on commit."""
+    if not run_ids:
+        return 0
+    with connection.cursor() as cur:
+        cur.execute(
+            """UPDATE runs_run SET status = 'queued', wake_at = NULL, enqueued_at = now()
+                WHERE id = ANY(%s::uuid[]) AND status = 'waiting' RETURNING id, queue, priority""",
+            [[str(r) for r in run_ids]],
+        )
+        rows = cur.fetchall()
+    for run_id, queue, priority in rows:
+        enqueue_on_commit(run_id, queue=queue, priority=priority)
+        realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
+    return len(rows)
+
+
+# --- operator transitions (cancel, retry) -------------------------------------------------------------------
+
+
+def run_request_cancel(run_id: UUID | str) -> str | None:
+    """Cancel a run: at once if queued/delayed/waiting, at the next step boundary or heartbeat if running.
+    Returns the run's status after the request, or None if it had already finished."""
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            """UPDATE runs_run SET status = 'canceled', finished_at = now(), wake_at = NULL,
+                          cancel_requested_at = now()
+                    WHERE id = %s AND status IN ('queued', 'delayed', 'waiting') RETURNING id, parent_id""",
+            [str(run_id)],
+        )
+        if cur.fetchone():
+            realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.CANCELED), to_runs_list=True)
+            return RunStatus.CANCELED
+        cur.execute(
+            """UPDATE runs_run SET cancel_requested_at = coalesce(cancel_requested_at, now())
+                    WHERE id = %s AND status = 'running' RETURNING id""",
+            [str(run_id)],
+        )
+        if cur.fetchone():
+            realtime.publish_on_commit(
+                realtime.run_changed(run_id, RunStatus.RUNNING, cancel_requested=True), to_runs_list=True
+            )
+            return RunStatus.RUNNING
+    return None
+
+
+def run_retry_from_failed_step(run_id: UUID | str) -> bool:
+    """Re-queue a failed / timed-out / canceled run; it resumes at the step that failed, whose attempts
+    budget starts afresh. Completed steps are never run again. False if the run isn't in such a state."""
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute(
+                """UPDATE runs_run
+                      SET status = 'queued', error = NULL, output = NULL, finished_at = NULL,
+                          cancel_requested_at = NULL, executed_seconds = 0, recoveries = 0,
+                          enqueued_at = now(), wake_at = NULL
+                    WHERE id = %s AND status IN ('failed', 'timed_out', 'canceled')
+                RETURNING queue, priority""",
+                [str(run_id)],
+            )
+            row = cur.fetchone()
+            if row is None:
+                return False
+            cur.execute(
+                """UPDATE runs_step SET status = 'retrying', budget_used = 0, wake_at = NULL
+                    WHERE run_id = %s AND status IN ('failed', 'retrying')""",
+                [str(run_id)],
+            )
+        enqueue_on_commit(run_id, queue=row[0], priority=row[1])
+        realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
+    return True
+
+
+def run_wake_now(run_id: UUID | str) -> bool:
+    """Wake a waiting/delayed run at once, as if its timer had fired (time travel in runs.testing)."""
+    with transaction.atomic():
+        updated = Run.objects.filter(pk=run_id, status__in=[RunStatus.WAITING, RunStatus.DELAYED]).update(
+            status=RunStatus.QUEUED, wake_at=None, enqueued_at=now()
+        )
+        if updated:
+            realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
+    return bool(updated)
