@@ -369,7 +369,7 @@ class Event(models.Model):
     class Meta:
         ordering = ["-id"]
         constraints = [
-            # waits.event_send: INSERT ... ON CONFLICT on this index is what makes an event id count once.
+            # services.event_send: INSERT ... ON CONFLICT on this index is what makes an event id count once.
             models.UniqueConstraint(
                 fields=["external_id"], condition=~Q(external_id=""), name="event_external_id_uniq"
             ),
@@ -413,7 +413,7 @@ class Waitpoint(models.Model):
         ordering = ["created_at"]
         constraints = [models.UniqueConstraint(fields=["run", "step_key"], name="waitpoint_run_step_uniq")]
         indexes = [
-            # waits.event_send: the open waits for an event name.
+            # services.event_send: the open waits for an event name.
             models.Index(
                 fields=["event_name"],
                 name="waitpoint_open_event_idx",

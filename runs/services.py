@@ -9,15 +9,14 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from django.conf import settings
-from django.db import connection, transaction
+from django import forms
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.module_loading import import_string
 
-from runs import engine, realtime
-from runs.engine import flow
-from runs.models import ApiKey, Run, RunStatus
-from runs.sdk.registry import registry
+from runs import engine
+from runs.models import ApiKey, Event, Run, RunStatus, Step, StepStatus, Waitpoint, WaitpointKind
+from runs.sdk.registry import UnknownTask, registry
 
 
 class RunStateError(Exception):
@@ -45,55 +44,16 @@ def run_trigger(
     stored = payload if validated else task.validate_payload(payload)
     if isinstance(delay, timedelta):
         delay = delay.total_seconds()
-    now = timezone.now()
-    with transaction.atomic():
-        if idempotency_key:
-            # Serialise triggers of the same key (no unique constraint can express "within the TTL").
-            # \x1f separates the two, not NUL: a Postgres text parameter can't hold NUL.
-            with connection.cursor() as cur:
-                cur.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                    [f"{task_id}\x1f{idempotency_key}"],
-                )
-            existing = (
-                Run.objects.filter(task_id=task_id, idempotency_key=idempotency_key, idempotency_expires_at__gt=now)
-                .order_by("-id")
-                .first()
-            )
-            if existing is not None:
-                return existing, False
-        ttl = task.idempotency_ttl or settings.DEX_IDEMPOTENCY_TTL_SECONDS
-        delayed = bool(delay and delay > 0)
-        wake_at = now + timedelta(seconds=delay) if delayed else None
-        # Debounce: this trigger supersedes the pending one of its key (a child run is never debounced:
-        # its parent waits on it).
-        debounce_key, superseded, reason = None, [], ""
-        if task.debounce and parent is None:
-            debounce_key, starts_at, superseded = flow.debounce_trigger(task=task, payload=stored, now=now)
-            delayed, wake_at = True, max(wake_at or starts_at, starts_at)
-            reason = flow.debounce_reason(task, debounce_key, wake_at)
-        run = Run.objects.create(
-            task_id=task_id,
-            payload=stored,
-            status=RunStatus.DELAYED if delayed else RunStatus.QUEUED,
-            wake_at=wake_at,
-            enqueued_at=None if delayed else now,
-            debounce_key_value=debounce_key,
-            status_reason=reason,
-            **flow.trigger_fields(task, stored),
-            tags=list(tags or []),
-            priority=task.priority if priority is None else priority,
-            queue=task.queue or settings.DEX_DEFAULT_QUEUE,
-            idempotency_key=idempotency_key or "",
-            idempotency_expires_at=now + timedelta(seconds=ttl) if idempotency_key else None,
-            parent=parent,
-            replay_of=replay_of,
-        )
-        flow.debounce_supersede(superseded=superseded, by=run)
-        if not delayed:
-            engine.enqueue_on_commit(run.id, queue=run.queue, priority=run.priority)
-        realtime.publish_on_commit(realtime.run_changed(run.id, run.status, task=task_id), to_runs_list=True)
-    return run, True
+    return engine.run_create(
+        task=task,
+        payload=stored,
+        idempotency_key=idempotency_key,
+        tags=tags or (),
+        delay=delay,
+        priority=priority,
+        parent_id=parent.pk if parent is not None else None,
+        replay_of_id=replay_of.pk if replay_of is not None else None,
+    )
 
 
 def run_cancel(*, run: Run) -> Run:
@@ -141,8 +101,6 @@ def run_fork(*, run: Run, step_key: str, output: Any = _UNCHANGED) -> Run:
     """Time-travel debugging: a new run of the same task and payload that reuses `run`'s recorded steps
     before `step_key` and executes from `step_key` on. With `output`, the step just before `step_key`
     resumes the new run with that output instead of the recorded one."""
-    from runs.models import Step, StepStatus
-
     target = Step.objects.filter(run=run, key=step_key).first()
     if target is None:
         raise RunStateError(f"run {run.id} has no step {step_key!r} to fork from")
@@ -154,36 +112,19 @@ def run_fork(*, run: Run, step_key: str, output: Any = _UNCHANGED) -> Run:
             raise RunStateError(f"{step_key!r} is the first step: there is no earlier output to edit")
         engine.encode_output(output, what=f"the edited output of step {reused[-1].key!r}")
         reused[-1].output = output
-    with transaction.atomic():
-        fork = Run.objects.create(
-            task_id=run.task_id,
-            payload=run.payload,
-            tags=run.tags,
-            priority=run.priority,
-            queue=run.queue,
-            replay_of=run,
-            enqueued_at=timezone.now(),
-            **(flow.trigger_fields(registry.get(run.task_id), run.payload) if run.task_id in registry else {}),
-            metadata={"forked_from": {"run": str(run.id), "step": step_key, "edited": output is not _UNCHANGED}},
-        )
-        Step.objects.bulk_create(
-            Step(
-                run=fork,
-                seq=step.seq,
-                key=step.key,
-                kind=step.kind,
-                status=StepStatus.COMPLETED,
-                attempts=step.attempts,
-                budget_used=step.budget_used,
-                output=step.output,
-                started_at=step.started_at,
-                finished_at=step.finished_at,
-                meta={**step.meta, "reused_from": str(run.id)},
-            )
-            for step in reused
-        )
-        engine.enqueue_on_commit(fork.id, queue=fork.queue, priority=fork.priority)
-        realtime.publish_on_commit(realtime.run_changed(fork.id, fork.status, task=fork.task_id), to_runs_list=True)
+    try:
+        task = registry.get(run.task_id)
+    except UnknownTask as exc:
+        raise RunStateError(f"{exc}: a fork needs the task's code") from None
+    fork, _ = engine.run_create(
+        task=task,
+        payload=run.payload,
+        tags=run.tags,
+        priority=run.priority,
+        replay_of_id=run.pk,
+        metadata={"forked_from": {"run": str(run.id), "step": step_key, "edited": output is not _UNCHANGED}},
+        steps=reused,
+    )
     return fork
 
 
@@ -251,3 +192,77 @@ def apikey_revoke(*, key: ApiKey) -> bool:
     revoked = ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=now) == 1
     key.refresh_from_db(fields=["revoked_at"])
     return revoked
+
+
+# --- events and waitpoints --------------------------------------------------------------------------------------
+
+
+class WaitpointError(Exception):
+    """A waitpoint can't be completed: `status` is the HTTP status that says why (404, 409, 422)."""
+
+    def __init__(self, message: str, *, status: int, details: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.details = details
+
+
+def event_send(*, name: str, data: Any = None, external_id: str = "") -> tuple[Event, bool]:
+    """Store an event, resume the waits it matches and start the tasks subscribed to it. An `external_id`
+    already received returns the first event and does nothing else. Returns (event, created)."""
+    return engine.event_deliver(name=name, data=data, external_id=external_id)
+
+
+def waitpoint_complete(*, token: str, data: Any, by: Any = None) -> Waitpoint:
+    """Complete a waitpoint by its token. For an approval, `data` is {"approved": bool, "comment": str,
+    "data": {...}} with `data` validated by the waitpoint's form; for an event wait, `data` is its result."""
+    wp = Waitpoint.objects.filter(token=token).select_related("run").first()
+    if wp is None:
+        raise WaitpointError("no waitpoint has this token", status=404)
+    if wp.completed_at is not None:
+        raise WaitpointError("this waitpoint was already completed", status=409)
+    result = _approval_result(wp, data, by) if wp.kind == WaitpointKind.APPROVAL else data
+    if not engine.waitpoint_resolve(waitpoint_id=wp.pk, result=result, by=by):
+        raise WaitpointError("this waitpoint was already completed", status=409)
+    wp.refresh_from_db()
+    return wp
+
+
+def _approval_result(wp: Waitpoint, data: Any, by: Any) -> dict:
+    if not isinstance(data, dict):
+        raise WaitpointError("an approval needs an object: {approved, comment?, data?}", status=422)
+    approved = data.get("approved")
+    if not isinstance(approved, bool):
+        raise WaitpointError(
+            "`approved` must be true or false",
+            status=422,
+            details=[{"loc": ["data", "approved"], "msg": "must be a boolean", "type": "bool_type"}],
+        )
+    comment = data.get("comment", "")
+    if not isinstance(comment, str):
+        raise WaitpointError(
+            "`comment` must be a string",
+            status=422,
+            details=[{"loc": ["data", "comment"], "msg": "must be a string", "type": "string_type"}],
+        )
+    fields = data.get("data", {})
+    if not isinstance(fields, dict):
+        raise WaitpointError(
+            "`data` must be an object",
+            status=422,
+            details=[{"loc": ["data", "data"], "msg": "must be an object", "type": "dict_type"}],
+        )
+    if wp.form and approved:
+        form_class: type[forms.Form] = import_string(wp.form)
+        form = form_class(data=fields)
+        if not form.is_valid():
+            raise WaitpointError(
+                "the approval's form data is invalid",
+                status=422,
+                details=[
+                    {"loc": ["data", "data", f], "msg": " ".join(e), "type": "form_error"}
+                    for f, e in form.errors.items()
+                ],
+            )
+        fields = json.loads(json.dumps(form.cleaned_data, default=str))
+    username = getattr(by, "get_username", lambda: str(by or ""))()
+    return {"approved": approved, "by": username, "comment": comment, "data": fields}

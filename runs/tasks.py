@@ -1,4 +1,7 @@
-"""Celery's interface to the engine: a message says "look at run X"; the engine does the rest."""
+"""Celery's interface to the engine: a message says "look at run X"; the engine does the rest.
+
+`connect()` (called by RunsConfig.ready) plugs Celery in as the engine's dispatcher and the alerts' sender.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from celery import shared_task
 from django.db import close_old_connections
 
 from runs import engine
+from runs.engine import flow, hooks
+from runs.ops import alerts
 
 
 @shared_task(name="dex.execute_run", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -20,7 +25,18 @@ def execute_run(run_id: str) -> None:
 def deliver_alert(delivery_id: int) -> None:
     """One attempt at an alert delivery (runs.ops.alerts). A failed attempt's back-off is the delivery row's
     next_attempt_at: the scheduler's alert scan sends it again when due (no ETA message held by a worker)."""
-    from runs.ops import alerts
-
     close_old_connections()
     alerts.delivery_send(delivery_id)
+
+
+def dispatch_run(run_id: str, queue: str, priority: int) -> None:
+    execute_run.apply_async(args=[run_id], queue=queue, priority=flow.broker_priority(priority))
+
+
+def dispatch_delivery(delivery_id: int, queue: str) -> None:
+    deliver_alert.apply_async((delivery_id,), queue=queue)
+
+
+def connect() -> None:
+    hooks.set_dispatcher(dispatch_run)
+    alerts.set_delivery_dispatcher(dispatch_delivery)

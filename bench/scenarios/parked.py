@@ -21,7 +21,7 @@ log every statement it sends). Then, with all N parked:
 
 Then all are woken: from the moment the first sleeper is due the scheduler wakes the sleepers as they come due
 (they come due at the rate they parked) while the bench sends each waiter its own event through
-`runs.waits.event_send` in a loop. Per run, wake latency = finished_at − (its wake_at | the moment before its
+`runs.services.event_send` in a loop. Per run, wake latency = finished_at − (its wake_at | the moment before its
 event was sent): `wake_p99_s`. `wake_steps_per_s` = steps finished from the first due moment to the last run's
 finish, per second (each run finishes its park step and its last step).
 
@@ -148,7 +148,7 @@ def run(env: BenchEnv) -> dict:
                 "cross-check (read after waiting 11 s for the worker backends' late-published counters; autovacuum's "
                 "transactions would count there too). Wake: sleepers "
                 "(ctx.sleep, one fixed duration) come due at the rate they parked and the scheduler wakes them; "
-                "waiters get their own event via runs.waits.event_send in a loop starting when the first sleeper "
+                "waiters get their own event via runs.services.event_send in a loop starting when the first sleeper "
                 "is due; latency per run = finished_at - (wake_at | event send start); wake_steps_per_s = steps "
                 "finished in [first due, last finish]. Peer: the same N as Celery tasks with countdown= on a "
                 "fresh worker of the same concurrency: messages it holds (reserved+scheduled) and its RSS growth."
@@ -273,7 +273,7 @@ def _counts(task_ids: list[str]) -> dict[str, int]:
 def _warm_up(env: BenchEnv) -> None:
     """Park and wake a few of each kind, so the worker has imported and allocated what parking needs."""
     from bench.agents import SLEEPER_TASK_ID, WAITER_TASK_ID, WAKE_EVENT
-    from runs import services, waits
+    from runs import services
 
     for i in range(WARMUP_RUNS):
         services.run_trigger(task_id=SLEEPER_TASK_ID, payload={"seconds": 1.0})
@@ -283,7 +283,7 @@ def _warm_up(env: BenchEnv) -> None:
     # (Counting both kinds let 1 s sleepers stand in for waiters not yet parked, whose events then went unheard.)
     _wait_for("the warm-up waiters to park", lambda: _counts([WAITER_TASK_ID]).get("waiting", 0) >= WARMUP_RUNS, 60)
     for i in range(WARMUP_RUNS):
-        waits.event_send(name=WAKE_EVENT, data={"key": f"warm{i}"})
+        services.event_send(name=WAKE_EVENT, data={"key": f"warm{i}"})
     _wait_for("the warm-up to finish", lambda: _counts(ids).get("completed", 0) == 2 * WARMUP_RUNS, 60)
 
 
@@ -371,7 +371,7 @@ def _idle_window(env: BenchEnv, statements: Path, window: float, park: dict) -> 
 
 def _wake(env: BenchEnv, n: int, park: dict) -> dict:
     from bench.agents import SLEEPER_TASK_ID, WAITER_TASK_ID, WAKE_EVENT
-    from runs import waits
+    from runs import services
     from runs.models import Run, Step
 
     ids = [SLEEPER_TASK_ID, WAITER_TASK_ID]
@@ -383,7 +383,7 @@ def _wake(env: BenchEnv, n: int, park: dict) -> dict:
     e0 = time.time()
     for key, run_id in keys.items():
         sent[str(run_id)] = time.time()
-        _event, created = waits.event_send(name=WAKE_EVENT, data={"key": key})
+        _event, created = services.event_send(name=WAKE_EVENT, data={"key": key})
         if not created:
             raise RuntimeError("an event was not stored")
     e1 = time.time()

@@ -34,7 +34,7 @@ from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatu
 from runs.sdk import Task
 from runs.sdk.registry import UnknownTask, registry
 from runs.services import RunStateError
-from runs.waits import WaitpointError as _WaitpointError
+from runs.services import WaitpointError as _WaitpointError
 
 log = logging.getLogger(__name__)
 
@@ -583,10 +583,8 @@ def run_replay(request: HttpRequest, run_id: str, body: ReplayIn | None = None) 
     auth=scoped(ApiKeyScope.EVENTS),
 )
 def event_send(request: HttpRequest, body: EventIn) -> Status[dict[str, Any]]:
-    from runs import waits
-
     _refuse_unstorable_text(name=body.name, data=body.data, id=body.id)
-    event, created = waits.event_send(name=body.name, data=body.data, external_id=body.id or "")
+    event, created = services.event_send(name=body.name, data=body.data, external_id=body.id or "")
     return Status(
         201 if created else 200,
         {
@@ -610,10 +608,8 @@ def event_send(request: HttpRequest, body: EventIn) -> Status[dict[str, Any]]:
     auth=scoped(ApiKeyScope.EVENTS),
 )
 def waitpoint_complete(request: HttpRequest, token: str, body: WaitpointCompleteIn) -> Any:
-    from runs import waits
-
     _refuse_unstorable_text(data=body.data)
-    return waits.waitpoint_complete(token=token, data=body.data, by=None)
+    return services.waitpoint_complete(token=token, data=body.data, by=None)
 
 
 # --- errors --------------------------------------------------------------------------------------------------

@@ -22,9 +22,12 @@ from django.db import transaction
 
 from runs import offload, realtime
 from runs.engine.codec import encode_output, json_default, now
+from runs.engine.create import child_idempotency_key, run_create
 from runs.engine.errors import LeaseLost, Parked, RunTimedOut, StepFailedForGood, StepOutputError, error_info
+from runs.engine.hooks import ai_for
 from runs.engine.lease import Buffer, Claim, StepRecord, fenced_write
 from runs.engine.settle import run_park
+from runs.engine.waits import waitpoint_outcome
 from runs.models import TERMINAL_STATUSES, Run, RunStatus, StepKind, StepStatus
 from runs.redact import redact
 from runs.sdk import Cancelled, ChildRunFailed, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
@@ -109,9 +112,7 @@ class RunContext:
         self._compensations: list[tuple[str, Callable[..., Any], Any]] = []
         self.log = logging.getLogger(f"dex.run.{task.id}")
         self.log.setLevel(logging.DEBUG)
-        from runs.ai.steps import AIContext
-
-        self.ai = AIContext(self)
+        self.ai = ai_for(self)
 
     # -- identity ----------------------------------------------------------------------------------------
     @property
@@ -449,8 +450,6 @@ class RunContext:
         return [child_output(outcome) for outcome in self._children(id, StepKind.MAP, task, list(payloads))]
 
     def _children(self, id: str, kind: str, task: Task | str, payloads: list[dict]) -> list[dict]:
-        from runs import services
-
         task_id = task if isinstance(task, str) else task.id
         key = self._unique_key(id)
         rec = self._next_recorded(key)
@@ -472,16 +471,16 @@ class RunContext:
                 wake_at=None,
                 event={"key": key, "status": "waiting", "kind": kind},
             )
-        registry.get(task_id)  # an unknown task fails this run here, with a clear error
+        child_task = registry.get(task_id)  # an unknown task fails this run here, with a clear error
 
         def start_children() -> list[str]:
             ids = []
             for i, payload in enumerate(payloads):
-                child, _ = services.run_trigger(
-                    task_id=task_id,
-                    payload=payload,
-                    parent=Run(pk=self._claim.run_id),
-                    idempotency_key=f"child:{self.run_id}:{key}:{i}",
+                child, _ = run_create(
+                    task=child_task,
+                    payload=child_task.validate_payload(payload),
+                    parent_id=self._claim.run_id,
+                    idempotency_key=child_idempotency_key(self.run_id, key, i),
                 )
                 ids.append(str(child.id))
             return ids
@@ -552,8 +551,6 @@ class RunContext:
         return self._wait(id, kind=StepKind.APPROVAL, timeout=timeout, waitpoint={"prompt": prompt, "form": form_path})
 
     def _wait(self, id: str, *, kind: str, timeout: timedelta | float | None, waitpoint: dict) -> Any:
-        from runs import waits
-
         key = self._unique_key(id)
         rec = self._next_recorded(key)
         self._flush_pending()
@@ -563,7 +560,7 @@ class RunContext:
             self._seq += 1
             return rec.output
         if rec is not None:
-            outcome = waits.waitpoint_outcome(run_id=self._claim.run_id, step_key=key)
+            outcome = waitpoint_outcome(run_id=self._claim.run_id, step_key=key)
             if outcome.done:
                 self._complete_wait(plan, output=outcome.result)
                 return outcome.result

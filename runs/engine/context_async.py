@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 
 from runs.engine.context import RunContext
 from runs.engine.errors import RunTimedOut
+from runs.engine.hooks import async_ai_for
 from runs.models import StepKind
 from runs.sdk import Retry, StepTimeout, Task
 
@@ -24,11 +25,9 @@ class AsyncRunContext:
     """The context of an `async def` task: the same contract, with awaitable steps."""
 
     def __init__(self, sync_ctx: RunContext):
-        from runs.ai.steps import AsyncAIContext
-
         self._sync = sync_ctx
         self.log = sync_ctx.log
-        self.ai = AsyncAIContext(sync_ctx.ai)
+        self.ai = async_ai_for(sync_ctx.ai)
 
     run_id = property(lambda self: self._sync.run_id)
     task_id = property(lambda self: self._sync.task_id)

@@ -11,6 +11,8 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
+from runs.engine.hooks import HookMissing, dispatcher
+
 log = logging.getLogger(__name__)
 
 # Where wake-ups go: the broker, or a test harness's list (runs.testing).
@@ -25,13 +27,10 @@ def enqueue(run_id: Any, *, queue: str = "", priority: int = 0) -> None:
     if override is not None:
         override(str(run_id))
         return
-    from runs.engine.flow import broker_priority
-    from runs.tasks import execute_run
-
     try:
-        execute_run.apply_async(
-            args=[str(run_id)], queue=queue or settings.DEX_DEFAULT_QUEUE, priority=broker_priority(priority)
-        )
+        dispatcher()(str(run_id), queue or settings.DEX_DEFAULT_QUEUE, priority)
+    except HookMissing:
+        raise
     except Exception:
         log.warning("could not enqueue run %s; the scheduler will re-send it", run_id, exc_info=True)
 

@@ -16,7 +16,7 @@ from runs.engine.errors import LeaseLost, Parked, RunTimedOut, StepFailedForGood
 from runs.engine.heartbeat import heartbeats
 from runs.engine.lease import Buffer, StepRecord, run_claim, worker_name
 from runs.engine.settle import run_settle
-from runs.models import RunStatus
+from runs.models import RunStatus, Step
 from runs.sdk import Cancelled, Task
 from runs.sdk.registry import UnknownTask, registry
 
@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 
 def load_steps(run_id: UUID) -> list[StepRecord]:
-    from runs.models import Step
-
     rows = (
         Step.objects.filter(run_id=run_id)
         .order_by("seq")

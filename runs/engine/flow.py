@@ -26,6 +26,7 @@ The rate limit is a sliding window: at most `n` runs of a group start in any `pe
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,8 @@ from uuid import UUID
 from django.conf import settings
 from django.db import connection, transaction
 
+from runs import realtime
+from runs.engine.dispatch import enqueue_on_commit
 from runs.models import Run, RunStatus
 from runs.sdk import Task
 
@@ -61,8 +64,6 @@ def resolve_key(payload: Any, path: str | None) -> str:
             break
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     if len(text) > _MAX_KEY:
-        import hashlib
-
         text = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     return text
 
@@ -235,14 +236,12 @@ def _group_queued(ckey: str | None, rkey: str | None) -> str:
 
 
 def _wake_best(cur: Any, params: dict, group_queued: str, *, limit: int) -> None:
-    from runs import engine
-
     cur.execute(
         f"SELECT id, queue, priority FROM runs_run WHERE {group_queued} ORDER BY priority DESC, id LIMIT %(n)s",
         {**params, "n": limit},
     )
     for run_id, queue, priority in cur.fetchall():
-        engine.enqueue_on_commit(run_id, queue=queue, priority=priority)
+        enqueue_on_commit(run_id, queue=queue, priority=priority)
 
 
 def _refusal(task: Task | None, params: dict, *, running: int, window_opens: datetime | None) -> tuple[str, Any]:
@@ -260,8 +259,6 @@ def _refusal(task: Task | None, params: dict, *, running: int, window_opens: dat
 
 
 def _publish_waiting(run_id: UUID | str) -> None:
-    from runs import realtime
-
     realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
 
 
@@ -272,8 +269,6 @@ def release_slots(*, task_id: str, ckey: str, task: Task | None) -> int:
     """A running run of the group settled or parked: wake as many of its best queued runs as there are
     free slots. Each wake-up claims the group's best run (claim_next), so which message arrives first
     doesn't matter. Returns how many were woken."""
-    from runs import engine
-
     limit = task.concurrency if task is not None and task.concurrency else 1
     with connection.cursor() as cur:
         cur.execute(
@@ -287,7 +282,7 @@ def release_slots(*, task_id: str, ckey: str, task: Task | None) -> int:
         )
         rows = cur.fetchall()
     for run_id, queue, priority in rows:
-        engine.enqueue_on_commit(run_id, queue=queue, priority=priority)
+        enqueue_on_commit(run_id, queue=queue, priority=priority)
     return len(rows)
 
 
@@ -319,8 +314,6 @@ def debounce_supersede(*, superseded: list[UUID], by: Run) -> int:
     """End the superseded delayed runs `canceled`, saying which run replaced them."""
     if not superseded:
         return 0
-    from runs import realtime
-
     n = Run.objects.filter(pk__in=superseded, status=RunStatus.DELAYED).update(
         status=RunStatus.CANCELED,
         finished_at=by.created_at,

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 
 from runs.engine.codec import json_default
+from runs.engine.flow import claim_next
 from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ _CLAIM_RETURNING = """task_id, payload, lease_token, cancel_requested_at IS NOT 
           replay_of_id IS NOT NULL, cost_usd, budget_usd"""
 
 # A run without flow-control limits is claimed by the UPDATE. A limited one (runs/engine/flow.py) is not: the
-# second branch hands back its group (task and keys) for flow.claim_next, still in one round trip.
+# second branch hands back its group (task and keys) for claim_next, still in one round trip.
 _CLAIM_SQL = f"""
 WITH claimed AS (
   UPDATE runs_run
@@ -75,7 +76,7 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
     """Take ownership of a queued run with one statement; None if it isn't ours to run (finished, owned by
     another live worker, parked). A run whose worker died is re-queued by the scheduler first.
 
-    A run of a task with concurrency / rate limits takes a second, locked statement (flow.claim_next), which
+    A run of a task with concurrency / rate limits takes a second, locked statement (claim_next), which
     may claim a better run of the same group instead — or none, leaving them queued, when a limit is reached.
     """
     with connection.cursor() as cur:
@@ -85,11 +86,9 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
         return None
     claimed, ckey, rkey, *row = row
     if not claimed:
-        from runs.engine import flow
-
         task_id = row[0]
         task = registry.get(task_id) if task_id in registry else None
-        row = flow.claim_next(
+        row = claim_next(
             run_id=run_id,
             task_id=task_id,
             ckey=ckey,

@@ -10,8 +10,8 @@ from django.conf import settings
 from django.db import connection
 
 from runs import realtime
-from runs.engine import flow
 from runs.engine.dispatch import enqueue_on_commit
+from runs.engine.flow import release_slots
 from runs.models import Run, RunStatus
 from runs.sdk.registry import registry
 
@@ -124,4 +124,4 @@ def _release_dead_letter_slots(run_ids: list[Any]) -> None:
     )
     for task_id, ckey in groups:
         task = registry.get(task_id) if task_id in registry else None
-        flow.release_slots(task_id=task_id, ckey=ckey, task=task)
+        release_slots(task_id=task_id, ckey=ckey, task=task)

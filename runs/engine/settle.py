@@ -11,13 +11,14 @@ from decimal import Decimal
 from django.db import DatabaseError, transaction
 
 from runs import realtime
-from runs.engine import flow
 from runs.engine.codec import now
 from runs.engine.dispatch import enqueue
+from runs.engine.flow import release_slots
+from runs.engine.hooks import run_settled
 from runs.engine.lease import Buffer, Claim, fenced_write
 from runs.engine.transitions import runs_wake
-from runs.models import RunStatus
-from runs.ops import alerts
+from runs.engine.waits import waitpoint_create
+from runs.models import RunStatus, Step
 from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def run_settle(
     if step_event is not None:
         realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), step_event))
     realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
-    alerts.alerts_run_settled(claim.run_id, status)  # after the settle committed; never raises
+    run_settled(claim.run_id, status)  # after the settle committed (alerts listen); never raises
     if written.concurrency_key is not None:
         release_slot(claim, written.concurrency_key)
     if written.parent_id is not None:
@@ -95,13 +96,9 @@ def run_park(
         if written is None:
             return False
         if waitpoint is not None:
-            from runs import waits
-
-            waits.waitpoint_create(run_id=claim.run_id, **waitpoint)
+            waitpoint_create(run_id=claim.run_id, **waitpoint)
         if children is not None:
             ids = children()
-            from runs.models import Step
-
             Step.objects.filter(run_id=claim.run_id, key=step["s_key"]).update(meta={"children": ids})
     if due:
         enqueue(claim.run_id, queue=written.queue, priority=written.priority)
@@ -117,6 +114,6 @@ def release_slot(claim: Claim, concurrency_key: str) -> None:
 
     task = registry.get(claim.task_id) if claim.task_id in registry else None
     try:
-        flow.release_slots(task_id=claim.task_id, ckey=concurrency_key, task=task)
+        release_slots(task_id=claim.task_id, ckey=concurrency_key, task=task)
     except DatabaseError:
         log.warning("run %s: could not hand on its concurrency slot", claim.run_id, exc_info=True)

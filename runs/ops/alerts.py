@@ -32,6 +32,7 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +57,7 @@ from runs.models import (
     RunStatus,
 )
 from runs.sdk import parse_alert_target
+from runs.sdk.registry import UnknownTask, registry
 
 log = logging.getLogger("dex.alerts")
 
@@ -106,8 +108,6 @@ def destinations_for(*, task_id: str, kind: str) -> list[Target]:
 
 
 def _task_or_none(task_id: str) -> Any:
-    from runs.sdk.registry import UnknownTask, registry
-
     try:
         return registry.get(task_id)
     except UnknownTask:
@@ -191,11 +191,21 @@ def delivery_enqueue_on_commit(delivery_id: int) -> None:
     transaction.on_commit(lambda: _enqueue(delivery_id))
 
 
-def _enqueue(delivery_id: int) -> None:
-    from runs.tasks import deliver_alert
+# How a delivery reaches a worker: runs.tasks plugs in Celery when the app is ready.
+_delivery_dispatcher: Callable[[int, str], None] | None = None
 
+
+def set_delivery_dispatcher(dispatcher: Callable[[int, str], None]) -> None:
+    global _delivery_dispatcher
+    _delivery_dispatcher = dispatcher
+
+
+def _enqueue(delivery_id: int) -> None:
+    if _delivery_dispatcher is None:
+        log.warning("alert delivery %s: no dispatcher is registered; the scan will send it", delivery_id)
+        return
     try:
-        deliver_alert.apply_async((delivery_id,), queue=settings.DEX_DEFAULT_QUEUE)
+        _delivery_dispatcher(delivery_id, settings.DEX_DEFAULT_QUEUE)
     except Exception:  # the broker is down: the scheduler's scan re-sends due deliveries
         log.warning("alert delivery %s: could not reach the broker; the scan will re-send it", delivery_id)
 

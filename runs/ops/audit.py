@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from runs.models import AuditEntry
+from runs.models import AuditEntry, Run
 
 OPERATE_PERMISSION = "runs.operate_runs"
 
@@ -21,8 +21,6 @@ def roles_ensure() -> None:
     them; this puts them back where they were deleted (a flushed test database, a careless admin)."""
     from django.contrib.auth.models import Group, Permission
     from django.contrib.contenttypes.models import ContentType
-
-    from runs.models import Run
 
     permission, _ = Permission.objects.get_or_create(
         codename="operate_runs",

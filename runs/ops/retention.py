@@ -32,7 +32,8 @@ from django.db.models import Exists, OuterRef, QuerySet
 from django.db.models.expressions import RawSQL
 
 from runs import offload
-from runs.models import TERMINAL_STATUSES, Run
+from runs.models import TERMINAL_STATUSES, LogLine, Run, Step
+from runs.ops.audit import audit_record
 
 log = logging.getLogger("dex.retention")
 
@@ -112,8 +113,6 @@ def runs_prune(
         raise ValueError("the batch size must be at least 1")
     result = PruneResult()
     if dry_run:
-        from runs.models import LogLine, Step
-
         runs = prunable_runs(older_than=older_than, statuses=statuses, task=task)
         result.runs = runs.count()
         result.related = {
@@ -141,8 +140,6 @@ def runs_prune(
     else:
         result.more = True
     if result.runs:
-        from runs.ops.audit import audit_record
-
         audit_record(
             user=None,
             action="prune",

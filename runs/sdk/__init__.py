@@ -23,6 +23,8 @@ from typing import Any
 
 import pydantic
 
+from runs.sdk.registry import registry
+
 __all__ = [
     "Cancelled",
     "ChildRunFailed",
@@ -101,7 +103,7 @@ def _seconds(value: timedelta | float | int | None, name: str) -> float | None:
 
 @dataclass
 class Task:
-    """A registered task: the function and its options. Call `.trigger(...)` to start a run."""
+    """A registered task: the function and its options."""
 
     id: str
     fn: Callable[..., Any]
@@ -186,13 +188,6 @@ class Task:
             return {self.model_param: model}
         return {name: getattr(model, name) for name in type(model).model_fields}
 
-    def trigger(self, payload: dict | None = None, **options: Any):
-        """Start a run of this task (see runs.services.run_trigger for the options)."""
-        from runs import services
-
-        run, _created = services.run_trigger(task_id=self.id, payload=payload or {}, **options)
-        return run
-
 
 def task(
     id: str,
@@ -248,8 +243,6 @@ def task(
         raise ValueError("rate_limit must be (n, period) with n ≥ 1, e.g. (5, timedelta(seconds=10))")
 
     def decorate(fn: Callable[..., Any]) -> Task:
-        from runs.sdk.registry import registry
-
         limit = None
         if rate_limit is not None:
             count, period = rate_limit

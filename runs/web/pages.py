@@ -30,7 +30,7 @@ from runs.ops.audit import audit_record, is_operator
 from runs.ops.schedules import ScheduleInvalid, ScheduleOwnedByCode, schedule_create, schedule_delete, schedule_update
 from runs.sdk import Task
 from runs.sdk.registry import UnknownTask, registry
-from runs.waits import WaitpointError, event_send, waitpoint_complete
+from runs.services import WaitpointError, event_send, waitpoint_complete
 from runs.web import forms as dex_forms
 from runs.web.permissions import operator_required
 

@@ -1,7 +1,7 @@
 """The run page (DESIGN.md §6): the page itself, its operator actions and its JSON downloads.
 
 Viewers read; operators act (`runs.ops.audit.is_operator`): an action's POST from anyone else is a 403, whatever
-the page showed. Every action goes through runs.services / runs.waits, records an audit entry, and answers:
+the page showed. Every action goes through runs.services, records an audit entry, and answers:
 - an htmx request with the page's regions re-rendered (the same partials the websocket consumer pushes,
   with `hx-swap-oob`) plus a notice, or an `HX-Redirect` to the new run of a replay or fork;
 - a plain form POST (no JS) with a redirect, the outcome in a message.
@@ -29,7 +29,7 @@ from runs.engine import StepOutputError
 from runs.models import Run, Step, Waitpoint, WaitpointKind
 from runs.ops.audit import audit_record, is_operator
 from runs.sdk.registry import UnknownTask
-from runs.waits import WaitpointError, waitpoint_complete
+from runs.services import WaitpointError, waitpoint_complete
 from runs.web import fragments
 from runs.web.permissions import operator_required
 

@@ -52,15 +52,13 @@ def parked(run: Run) -> Run:
 
 
 def test_an_event_resumes_a_waiting_run_with_its_data(processes):
-    from runs import waits
-
     processes.worker()
     run, _ = services.run_trigger(task_id="t-wait-event", payload={"topic": "dex"})
     parked(run)
     # The execution that parked it returns at once: nothing of the run stays in a worker.
     wait_for(lambda: _held_by_workers() == [], timeout=10, what="the worker to hold nothing")
-    waits.event_send(name="report.reviewed", data={"topic": "dex", "ok": True}, external_id="once")
-    waits.event_send(name="report.reviewed", data={"topic": "dex", "ok": False}, external_id="once")
+    services.event_send(name="report.reviewed", data={"topic": "dex", "ok": True}, external_id="once")
+    services.event_send(name="report.reviewed", data={"topic": "dex", "ok": False}, external_id="once")
     finished(run)
     assert run.output == {"verdict": {"topic": "dex", "ok": True}}
 
@@ -75,14 +73,14 @@ def test_a_wait_that_times_out_resumes_with_none(processes):
 
 
 def test_an_approval_completed_with_its_token_resumes_the_run(processes):
-    from runs import waits
+    from runs import services
     from runs.models import Waitpoint
 
     processes.worker()
     run, _ = services.run_trigger(task_id="t-approval", payload={"order": "C-3"})
     parked(run)
     token = Waitpoint.objects.get(run=run).token
-    waits.waitpoint_complete(token=token, data={"approved": True, "data": {"amount": "5", "reason": "broken"}})
+    services.waitpoint_complete(token=token, data={"approved": True, "data": {"amount": "5", "reason": "broken"}})
     finished(run)
     assert run.output["answer"]["approved"] is True
     assert run.output["answer"]["data"] == {"amount": "5", "reason": "broken"}

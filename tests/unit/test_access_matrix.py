@@ -29,6 +29,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
 from dexweb.asgi import application
+from runs.engine import waitpoint_create
 from runs.models import (
     AlertChannel,
     AlertDestination,
@@ -41,7 +42,6 @@ from runs.models import (
     StepStatus,
     WaitpointKind,
 )
-from runs.waits import waitpoint_create
 from runs.web.routing import websocket_urlpatterns
 
 pytestmark = pytest.mark.django_db

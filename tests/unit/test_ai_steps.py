@@ -8,7 +8,7 @@ from urllib.request import urlopen
 
 import pytest
 
-from runs import realtime, services, waits
+from runs import realtime, services
 from runs.models import Run, RunStatus, StepChunk, Waitpoint
 from runs.testing import drive, run_task
 from tests.agents import ledger_lines
@@ -96,7 +96,7 @@ def test_a_budget_cap_parks_the_run_in_an_approval(llm):
     approval = Waitpoint.objects.get(run=run)
     assert approval.prompt.startswith("Budget exceeded — continue with +$")
     assert requests_made(llm) == 0  # nothing was spent before someone said yes
-    waits.waitpoint_complete(token=approval.token, data={"approved": True})
+    services.waitpoint_complete(token=approval.token, data={"approved": True})
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
     assert requests_made(llm) == 1

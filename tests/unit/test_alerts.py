@@ -16,6 +16,7 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
+from runs.engine import waitpoint_create
 from runs.models import (
     Alert,
     AlertDelivery,
@@ -31,7 +32,6 @@ from runs.ops import alerts
 from runs.sdk import task
 from runs.sdk.registry import registry
 from runs.testing import run_task
-from runs.waits import waitpoint_create
 from tests.webhooks import Receiver
 
 pytestmark = pytest.mark.django_db

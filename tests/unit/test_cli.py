@@ -15,8 +15,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from runs.engine import waitpoint_create
 from runs.models import AuditEntry, Event, Run, RunStatus, WaitpointKind
-from runs.waits import waitpoint_create
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.django_db

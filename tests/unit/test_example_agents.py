@@ -215,7 +215,7 @@ def _start_support_run():
 
 
 def test_support_agent_sends_the_reply_the_approver_edited(llm):
-    from runs import waits
+    from runs import services
     from runs.testing import drive
 
     run = _start_support_run()
@@ -226,7 +226,7 @@ def test_support_agent_sends_the_reply_the_approver_edited(llm):
     assert not run.steps.filter(key="send").exists()  # nothing sent before approval
 
     edited = "Hi Ada, sorry about that: we refunded the duplicate charge today."
-    waits.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": edited}})
+    services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": edited}})
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "sent" and run.output["reply"] == edited and run.output["edited"]
@@ -235,12 +235,12 @@ def test_support_agent_sends_the_reply_the_approver_edited(llm):
 
 
 def test_support_agent_sends_the_draft_when_approved_unedited(llm):
-    from runs import waits
+    from runs import services
     from runs.testing import drive
 
     run = _start_support_run()
     wp = run.waitpoints.get(step_key="send-reply")
-    waits.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": ""}})
+    services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": ""}})
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "sent" and not run.output["edited"]
@@ -248,12 +248,12 @@ def test_support_agent_sends_the_draft_when_approved_unedited(llm):
 
 
 def test_support_agent_sends_nothing_when_rejected(llm):
-    from runs import waits
+    from runs import services
     from runs.testing import drive
 
     run = _start_support_run()
     wp = run.waitpoints.get(step_key="send-reply")
-    waits.waitpoint_complete(token=wp.token, data={"approved": False, "comment": "escalate to billing"})
+    services.waitpoint_complete(token=wp.token, data={"approved": False, "comment": "escalate to billing"})
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "rejected" and run.output["comment"] == "escalate to billing"

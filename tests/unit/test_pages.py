@@ -15,10 +15,10 @@ from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
+from runs.engine import waitpoint_create
 from runs.models import ApiKey, AuditEntry, Event, Run, RunStatus, Schedule, ScheduleSource, Waitpoint, WaitpointKind
 from runs.sdk import task
 from runs.sdk.registry import registry
-from runs.waits import waitpoint_create
 
 pytestmark = pytest.mark.django_db
 

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from runs import engine, services, waits
+from runs import engine, services
 from runs.models import Run, RunStatus, Step, Waitpoint
 from runs.sdk import NonRetriableError, Retry, task
 
@@ -159,7 +159,7 @@ class RunLifecycle(RuleBasedStateMachine):
         open_before = Waitpoint.objects.filter(run_id=run, completed_at__isnull=True, kind="event").exists()
         with engine.enqueue_to(self.sent.append):
             for _ in range(2 if twice else 1):
-                waits.event_send(name="sm.event", data=data, external_id=external_id)
+                services.event_send(name="sm.event", data=data, external_id=external_id)
         if open_before and self.expected_event[run] is None:
             self.expected_event[run] = data  # the first event while the wait was open is the one it gets
 

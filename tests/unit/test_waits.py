@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from runs import engine, waits
+from runs import engine, services
 from runs.models import Run, RunStatus, StepStatus, Waitpoint
 from runs.testing import drive, run_task
 from tests.agents import ledger_lines
@@ -27,9 +27,9 @@ def test_an_event_resumes_the_wait_with_its_data():
     run = start("t-wait-event", {"topic": "dex"})
     assert run.status == RunStatus.WAITING and run.wake_at is None
     assert run.steps.get(key="review").status == StepStatus.WAITING
-    waits.event_send(name="report.reviewed", data={"topic": "other", "ok": False})  # doesn't match
+    services.event_send(name="report.reviewed", data={"topic": "other", "ok": False})  # doesn't match
     assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING
-    event, created = waits.event_send(name="report.reviewed", data={"topic": "dex", "ok": True}, external_id="e1")
+    event, created = services.event_send(name="report.reviewed", data={"topic": "dex", "ok": True}, external_id="e1")
     assert created and event.outcome["resumed"] == [str(run.id)]
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
@@ -38,9 +38,9 @@ def test_an_event_resumes_the_wait_with_its_data():
 
 def test_an_event_id_received_twice_is_accepted_once():
     first = start("t-wait-event", {"topic": "a"})
-    waits.event_send(name="report.reviewed", data={"topic": "a", "n": 1}, external_id="same")
+    services.event_send(name="report.reviewed", data={"topic": "a", "n": 1}, external_id="same")
     second = start("t-wait-event", {"topic": "a"})  # waiting after the first delivery
-    again, created = waits.event_send(name="report.reviewed", data={"topic": "a", "n": 2}, external_id="same")
+    again, created = services.event_send(name="report.reviewed", data={"topic": "a", "n": 2}, external_id="same")
     assert not created and again.data == {"topic": "a", "n": 1}
     assert Run.objects.get(pk=second.pk).status == RunStatus.WAITING
     assert drive(first).output == {"verdict": {"topic": "a", "n": 1}}
@@ -53,7 +53,7 @@ def test_a_wait_that_times_out_resumes_with_none():
     run = drive(run)
     assert run.output == {"verdict": None}
     # An event arriving after the timeout changes nothing.
-    event, _ = waits.event_send(name="report.reviewed", data={"topic": "late"})
+    event, _ = services.event_send(name="report.reviewed", data={"topic": "late"})
     assert event.outcome["resumed"] == []
 
 
@@ -61,16 +61,16 @@ def test_an_approval_completed_by_token_resumes_with_the_answer_and_form_data():
     run = start("t-approval", {"order": "A-1"})
     wp = Waitpoint.objects.get(run=run)
     assert (wp.kind, wp.prompt) == ("approval", "Refund order A-1?")
-    with pytest.raises(waits.WaitpointError) as invalid:
-        waits.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"amount": "-3"}})
+    with pytest.raises(services.WaitpointError) as invalid:
+        services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"amount": "-3"}})
     assert invalid.value.status == 422
     assert {tuple(d["loc"]) for d in invalid.value.details} == {("data", "data", "amount"), ("data", "data", "reason")}
     assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING  # an invalid answer loses nothing
-    waits.waitpoint_complete(
+    services.waitpoint_complete(
         token=wp.token, data={"approved": True, "comment": "ok", "data": {"amount": "12.50", "reason": "late"}}
     )
-    with pytest.raises(waits.WaitpointError) as again:
-        waits.waitpoint_complete(token=wp.token, data={"approved": False})
+    with pytest.raises(services.WaitpointError) as again:
+        services.waitpoint_complete(token=wp.token, data={"approved": False})
     assert again.value.status == 409
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
@@ -80,12 +80,12 @@ def test_an_approval_completed_by_token_resumes_with_the_answer_and_form_data():
 
 
 def test_an_event_starts_the_tasks_subscribed_to_it():
-    event, _ = waits.event_send(name="user.signed_up", data={"email": "ada@example.com"})
+    event, _ = services.event_send(name="user.signed_up", data={"email": "ada@example.com"})
     (run_id,) = event.outcome["started"]
     run = drive(Run.objects.get(pk=run_id))
     assert run.output == "welcome ada@example.com"
     # A payload the task can't take is recorded on the event, not lost silently.
-    event, _ = waits.event_send(name="user.signed_up", data={"nope": 1})
+    event, _ = services.event_send(name="user.signed_up", data={"nope": 1})
     assert event.outcome["started"] == [] and event.outcome["errors"][0]["task"] == "t-on-signup"
 
 

@@ -1,4 +1,4 @@
-"""The operator's command line, thin over runs.services and runs.waits:
+"""The operator's command line, thin over runs.services:
 
     manage.py dex trigger TASK [--payload JSON|@file] [--idempotency-key K] [--tag T] [--delay S] [--wait]
     manage.py dex runs [--status S] [--task T] [--limit N]
@@ -29,7 +29,7 @@ from runs import services
 from runs.models import Event, Run, RunStatus
 from runs.ops.audit import audit_record
 from runs.sdk.registry import UnknownTask, registry
-from runs.waits import event_send
+from runs.services import event_send
 
 MAX_LIMIT = 1000
 

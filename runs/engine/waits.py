@@ -1,6 +1,6 @@
-"""Waits for an event or a person: waitpoints, event delivery and completion by token.
+"""Waits for an event or a person: waitpoints, event delivery and completion.
 
-A waitpoint is created in the same transaction that parks its run (engine.run_park), and completed once —
+A waitpoint is created in the same transaction that parks its run (settle.run_park), and completed once —
 by a matching event, by its token, or by its timeout — with a conditional UPDATE (`completed_at IS NULL`),
 so a race between an event, a person and the timer has exactly one winner.
 """
@@ -15,25 +15,15 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django import forms
 from django.db import connection, transaction
 from django.utils import timezone
-from django.utils.module_loading import import_string
 
-from runs import engine
-from runs.models import Event, Waitpoint, WaitpointKind
+from runs.engine.create import run_create
+from runs.engine.transitions import runs_wake
+from runs.models import Event, Waitpoint
 from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
-
-
-class WaitpointError(Exception):
-    """A waitpoint can't be completed: `status` is the HTTP status that says why (404, 409, 422)."""
-
-    def __init__(self, message: str, *, status: int, details: Any = None):
-        super().__init__(message)
-        self.status = status
-        self.details = details
 
 
 def waitpoint_create(
@@ -84,7 +74,7 @@ def waitpoint_outcome(*, run_id: UUID, step_key: str) -> Outcome:
     return Outcome(done=False, timeout_at=wp.timeout_at)
 
 
-def event_send(*, name: str, data: Any = None, external_id: str = "") -> tuple[Event, bool]:
+def event_deliver(*, name: str, data: Any = None, external_id: str = "") -> tuple[Event, bool]:
     """Store an event, resume the waits it matches and start the tasks subscribed to it. An `external_id`
     already received returns the first event and does nothing else. Returns (event, created)."""
     data = {} if data is None else data
@@ -110,17 +100,15 @@ def event_send(*, name: str, data: Any = None, external_id: str = "") -> tuple[E
                 {"data": json.dumps(data), "event": str(event_id), "name": name},
             )
             resumed = [r[0] for r in cur.fetchall()]
-        engine.runs_wake(resumed)
+        runs_wake(resumed)
         started, errors = [], []
         for task in registry.all():
             if name not in task.events:
                 continue
-            from runs import services
-
             try:
-                run, _ = services.run_trigger(
-                    task_id=task.id,
-                    payload=data if isinstance(data, dict) else {"data": data},
+                run, _ = run_create(
+                    task=task,
+                    payload=task.validate_payload(data if isinstance(data, dict) else {"data": data}),
                     idempotency_key=f"event:{event_id}",
                     tags=[f"event:{name}"],
                 )
@@ -133,64 +121,15 @@ def event_send(*, name: str, data: Any = None, external_id: str = "") -> tuple[E
     return Event.objects.get(pk=event_id), True
 
 
-def waitpoint_complete(*, token: str, data: Any, by: Any = None) -> Waitpoint:
-    """Complete a waitpoint by its token. For an approval, `data` is {"approved": bool, "comment": str,
-    "data": {...}} with `data` validated by the waitpoint's form; for an event wait, `data` is its result."""
-    wp = Waitpoint.objects.filter(token=token).select_related("run").first()
-    if wp is None:
-        raise WaitpointError("no waitpoint has this token", status=404)
-    if wp.completed_at is not None:
-        raise WaitpointError("this waitpoint was already completed", status=409)
-    result = _approval_result(wp, data, by) if wp.kind == WaitpointKind.APPROVAL else data
+def waitpoint_resolve(*, waitpoint_id: int, result: Any, by: Any = None) -> bool:
+    """Complete an open waitpoint with `result` and wake its run; False if something completed it first."""
     with transaction.atomic():
-        updated = Waitpoint.objects.filter(pk=wp.pk, completed_at__isnull=True).update(
+        updated = Waitpoint.objects.filter(pk=waitpoint_id, completed_at__isnull=True).update(
             completed_at=timezone.now(),
             result=result,
             completed_by=by if getattr(by, "pk", None) else None,
         )
-        if not updated:
-            raise WaitpointError("this waitpoint was already completed", status=409)
-        engine.runs_wake([wp.run_id])
-    wp.refresh_from_db()
-    return wp
-
-
-def _approval_result(wp: Waitpoint, data: Any, by: Any) -> dict:
-    if not isinstance(data, dict):
-        raise WaitpointError("an approval needs an object: {approved, comment?, data?}", status=422)
-    approved = data.get("approved")
-    if not isinstance(approved, bool):
-        raise WaitpointError(
-            "`approved` must be true or false",
-            status=422,
-            details=[{"loc": ["data", "approved"], "msg": "must be a boolean", "type": "bool_type"}],
-        )
-    comment = data.get("comment", "")
-    if not isinstance(comment, str):
-        raise WaitpointError(
-            "`comment` must be a string",
-            status=422,
-            details=[{"loc": ["data", "comment"], "msg": "must be a string", "type": "string_type"}],
-        )
-    fields = data.get("data", {})
-    if not isinstance(fields, dict):
-        raise WaitpointError(
-            "`data` must be an object",
-            status=422,
-            details=[{"loc": ["data", "data"], "msg": "must be an object", "type": "dict_type"}],
-        )
-    if wp.form and approved:
-        form_class: type[forms.Form] = import_string(wp.form)
-        form = form_class(data=fields)
-        if not form.is_valid():
-            raise WaitpointError(
-                "the approval's form data is invalid",
-                status=422,
-                details=[
-                    {"loc": ["data", "data", f], "msg": " ".join(e), "type": "form_error"}
-                    for f, e in form.errors.items()
-                ],
-            )
-        fields = json.loads(json.dumps(form.cleaned_data, default=str))
-    username = getattr(by, "get_username", lambda: str(by or ""))()
-    return {"approved": approved, "by": username, "comment": comment, "data": fields}
+        if updated:
+            run_id = Waitpoint.objects.filter(pk=waitpoint_id).values_list("run_id", flat=True).get()
+            runs_wake([run_id])
+    return bool(updated)
