@@ -11,7 +11,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Literal
 
-from agents import booking_service
+from dex_agents import booking_service
+
 from runs.sdk import NonRetriableError, Retry, task
 
 BOOKERS = {

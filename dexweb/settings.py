@@ -138,7 +138,6 @@ INSTALLED_APPS = [
     "template_partials",
     "ninja",
     "runs",
-    "agents",
 ]
 
 MIDDLEWARE = [
@@ -288,6 +287,8 @@ CELERY_TASK_DEFAULT_QUEUE = DEX_DEFAULT_QUEUE
 # Redis hands an unacked message out again after the visibility timeout: keep it far above the lease so
 # the broker never redelivers a message whose run is still being worked on (the lease fences it anyway).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, int(DEX_LEASE_SECONDS * 20))}
+# The project's agents folder, loaded as the package `dex_agents` (runs/sdk/registry.py).
+DEX_AGENTS_DIR = Path(env_str("DEX_AGENTS_DIR") or BASE_DIR / "agents")
 DEX_AGENT_MODULES = [m.strip() for m in env_str("DEX_AGENT_MODULES").split(",") if m.strip()]
 DEX_IDEMPOTENCY_TTL_SECONDS = env_float("DEX_IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
 # LLM providers (JSON, validated by runs.ai.providers) and price overrides; the local server when unset.

@@ -13,7 +13,9 @@ class RunsConfig(AppConfig):
         from runs.ai import steps as ai_steps
         from runs.engine import hooks
         from runs.ops import alerts
+        from runs.sdk.registry import registry
 
         tasks.connect()
         hooks.on_run_settled(alerts.alerts_run_settled)
         hooks.set_ai_factory(ai_steps.AIContext, ai_steps.AsyncAIContext)
+        registry.autodiscover()

@@ -1,19 +1,35 @@
 """The task registry and its discovery.
 
-Tasks come from every module of this `agents` package, from any installed app's `agents.py`, and from the
-modules named in `DEX_AGENT_MODULES`. The same registry serves the worker, the API and the dashboard, so a
-task a worker can run is a task the API accepts.
+Tasks come from the project's agents folder (`DEX_AGENTS_DIR`, by default `agents/` beside manage.py), from
+any installed app's `agents.py`, and from the modules named in `DEX_AGENT_MODULES`. The same registry serves the
+worker, the API and the dashboard, so a task a worker can run is a task the API accepts.
+
+The agents folder is loaded by path as the package `dex_agents` (an agent module imports another one as
+`from dex_agents import booking_service`), never as `agents`: that name belongs to the OpenAI Agents SDK, which
+an agent module may import.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
 import pkgutil
+import sys
 import threading
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from runs.sdk import Task
+AGENTS_PACKAGE = "dex_agents"
+
+
+class RegisteredTask(Protocol):
+    """What the registry needs of a task (runs.sdk.Task; a Protocol, so the registry sits below the SDK)."""
+
+    id: str
+
+    @property
+    def qualified_name(self) -> str: ...
 
 
 class UnknownTask(LookupError):
@@ -24,11 +40,11 @@ class UnknownTask(LookupError):
 
 class Registry:
     def __init__(self) -> None:
-        self._tasks: dict[str, Task] = {}
+        self._tasks: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._discovered = False
 
-    def register(self, task: Task) -> None:
+    def register(self, task: RegisteredTask) -> None:
         with self._lock:
             existing = self._tasks.get(task.id)
             # Re-importing the same module (autoreload, tests) re-registers the same function: allowed.
@@ -42,7 +58,7 @@ class Registry:
         with self._lock:
             self._tasks.pop(task_id, None)
 
-    def get(self, task_id: str) -> Task:
+    def get(self, task_id: str) -> Any:
         try:
             return self._tasks[task_id]
         except KeyError:
@@ -51,7 +67,7 @@ class Registry:
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._tasks
 
-    def all(self) -> list[Task]:
+    def all(self) -> list[Any]:
         return sorted(self._tasks.values(), key=lambda t: t.id)
 
     def autodiscover(self) -> None:
@@ -61,14 +77,34 @@ class Registry:
         from django.conf import settings
         from django.utils.module_loading import autodiscover_modules
 
-        import agents
-
-        for info in pkgutil.iter_modules(agents.__path__):
-            if info.name not in ("registry", "apps", "tests") and not info.name.startswith("_"):
-                importlib.import_module(f"agents.{info.name}")
+        package = load_agents_package(Path(settings.DEX_AGENTS_DIR))
+        if package is not None:
+            for info in pkgutil.iter_modules(package.__path__):
+                if not info.name.startswith("_") and info.name != "tests":
+                    importlib.import_module(f"{AGENTS_PACKAGE}.{info.name}")
         autodiscover_modules("agents")
         for dotted in settings.DEX_AGENT_MODULES:
             importlib.import_module(dotted)
+
+
+def load_agents_package(folder: Path) -> Any:
+    """Make `folder` importable as the package `dex_agents` (once); None when there is no such folder."""
+    if AGENTS_PACKAGE in sys.modules:
+        return sys.modules[AGENTS_PACKAGE]
+    if not folder.is_dir():
+        return None
+    init = folder / "__init__.py"
+    if init.exists():
+        spec = importlib.util.spec_from_file_location(AGENTS_PACKAGE, init, submodule_search_locations=[str(folder)])
+    else:
+        spec = importlib.machinery.ModuleSpec(AGENTS_PACKAGE, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+    assert spec is not None
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[AGENTS_PACKAGE] = package
+    if spec.loader is not None:
+        spec.loader.exec_module(package)
+    return package
 
 
 registry = Registry()

@@ -121,7 +121,8 @@ def test_code_review_finds_an_unused_import_with_ruff(llm):
 
 
 def test_code_review_of_a_partial_hunk_reports_only_what_the_hunk_shows(llm):
-    from agents.code_review import parse_diff
+    from dex_agents.code_review import parse_diff
+
     from runs.testing import run_task
 
     (new,) = parse_diff(MODIFIED_DIFF)
@@ -150,7 +151,7 @@ def test_code_review_approves_a_clean_diff(llm):
 @pytest.fixture
 def bookings(settings, tmp_path):
     settings.DEX_BOOKING_DIR = str(tmp_path / "booking")
-    from agents import booking_service
+    from dex_agents import booking_service
 
     return booking_service
 
@@ -221,7 +222,7 @@ def test_support_agent_sends_the_reply_the_approver_edited(llm):
     run = _start_support_run()
     assert [s.key for s in run.steps.order_by("seq")][:2] == ["classify", "draft"]
     wp = run.waitpoints.get(step_key="send-reply")
-    assert wp.form == "agents.support.SendReplyForm"
+    assert wp.form == "dex_agents.support.SendReplyForm"
     assert "billing reply to Ada" in wp.prompt and "Summary: I was charged twice" in wp.prompt
     assert not run.steps.filter(key="send").exists()  # nothing sent before approval
 

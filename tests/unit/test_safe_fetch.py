@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from dex_agents.research import fetch_url
 
-from agents.research import fetch_url
 from runs import safe_fetch
 from runs.safe_fetch import FetchError, fetch, is_public_address
 
