@@ -8,6 +8,7 @@ from django.http import HttpRequest
 from runs import services
 from runs.models import ApiKey, LogLine, Run, Schedule, ScheduleSource, Step
 from runs.ops import schedules
+from runs.ops.audit import Actor
 
 
 class StepInline(admin.TabularInline):
@@ -65,7 +66,7 @@ class RunAdmin(admin.ModelAdmin):
         done, skipped = 0, []
         for run in queryset:
             try:
-                action(run=run)
+                action(run=run, by=Actor.web(request.user, via="admin"))
                 done += 1
             except services.RunStateError as exc:
                 skipped.append(str(exc))
@@ -139,14 +140,15 @@ class ScheduleAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: Schedule, form: forms.ModelForm, change: bool) -> None:
         fields = {"cron": obj.cron, "timezone": obj.timezone, "payload": obj.payload, "enabled": obj.enabled}
         if change:
-            schedules.schedule_update(schedule=obj, **fields)
+            schedules.schedule_update(schedule=obj, by=Actor.web(request.user, via="admin"), **fields)
         else:
-            created = schedules.schedule_create(task_id=obj.task_id, **fields)
+            created = schedules.schedule_create(task_id=obj.task_id, by=Actor.web(request.user, via="admin"), **fields)
             obj.pk = created.pk
             obj.refresh_from_db()
 
     def delete_model(self, request: HttpRequest, obj: Schedule) -> None:
-        schedules.schedule_delete(schedule=obj)
+        schedules.schedule_delete(schedule=obj, by=Actor.web(request.user, via="admin"))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Schedule]) -> None:
-        queryset.filter(source=ScheduleSource.USER).delete()
+        for schedule in queryset.filter(source=ScheduleSource.USER):
+            schedules.schedule_delete(schedule=schedule, by=Actor.web(request.user, via="admin"))

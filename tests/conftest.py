@@ -198,3 +198,51 @@ def processes(dex_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
 @pytest.fixture
 def ledger(tmp_path: Path) -> Path:
     return tmp_path / "ledger.txt"
+
+
+# --- personas (DESIGN §6: viewers read, operators act; admin is staff) --------------------------------------
+
+
+def persona(role: str, *, username: str | None = None) -> Any:
+    """A user in the role's group ("viewer", "operator"), or a superuser for "admin"."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    from runs.ops.audit import roles_ensure
+
+    users = get_user_model().objects
+    name = username or role
+    if role == "admin":
+        return users.create_superuser(name, email=f"{name}@example.com", password=f"pw-{name}-123")
+    user = users.create_user(name, password=f"pw-{name}-123")
+    roles_ensure()  # a transactional test before this one flushed the groups the migration made
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+def logged_in(user: Any) -> Any:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def operator_user(db: None) -> Any:
+    return persona("operator")
+
+
+@pytest.fixture
+def viewer(db: None) -> Any:
+    return logged_in(persona("viewer"))
+
+
+@pytest.fixture
+def operator(operator_user: Any) -> Any:
+    return logged_in(operator_user)
+
+
+@pytest.fixture
+def admin(db: None) -> Any:
+    return logged_in(persona("admin"))

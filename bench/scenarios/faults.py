@@ -68,6 +68,7 @@ def run(env: BenchEnv) -> dict:
     import bench.faultkit as fk
     from dexweb.settings import celery_url_from_redis
     from runs import services
+    from runs.ops.audit import Actor
 
     started = time.monotonic()
     sigkills, sigkill_runs, redis_down, redis_triggers, pg_restarts, daphne_restarts, copies = COUNTS.get(
@@ -75,7 +76,7 @@ def run(env: BenchEnv) -> dict:
     )
     base_env = {**os.environ, **FAULT_ENV}
     workdir: Path = env.workdir
-    _key, secret = services.apikey_create(name=f"faults-{env.session}")
+    _key, secret = services.apikey_create(name=f"faults-{env.session}", by=Actor.system("bench"))
     n = 0
 
     def cluster(**overrides: str) -> fk.Cluster:

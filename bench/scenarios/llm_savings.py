@@ -38,6 +38,7 @@ def run(env: BenchEnv) -> dict:
     from django.conf import settings
 
     from runs import services
+    from runs.ops.audit import Actor
     from runs.ai.testserver import serve_in_thread
     from runs.models import Run, RunStatus, StepKind
     from runs.testing import drive, run_task
@@ -57,13 +58,13 @@ def run(env: BenchEnv) -> dict:
             if run.status != RunStatus.FAILED or (run.error or {}).get("step") != "summarise":
                 raise RuntimeError(f"expected the run to fail at summarise, got {run.status}: {run.error}")
             before = _requests(base_url)
-            services.run_retry(run=run)
+            services.run_retry(run=run, by=Actor.system("bench"))
             run = drive(Run.objects.get(pk=run.pk))
             retry_calls = _requests(base_url) - before
             llm_steps = list(run.steps.filter(kind=StepKind.AI))
             naive_cost = sum(Decimal(s.meta["usage"]["cost_usd"]) for s in llm_steps)
             before = _requests(base_url)
-            replay = drive(services.run_replay(run=run))
+            replay = drive(services.run_replay(run=run, by=Actor.system("bench")))
             replay_calls = _requests(base_url) - before
         finally:
             server.stop()

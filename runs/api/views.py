@@ -31,6 +31,7 @@ from ninja.security import HttpBearer
 from runs import selectors, services
 from runs.api import keyauth
 from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatus
+from runs.ops.audit import Actor
 from runs.sdk import Task
 from runs.sdk.registry import UnknownTask, registry
 from runs.services import RunStateError
@@ -542,7 +543,7 @@ def run_detail(request: HttpRequest, run_id: str) -> Run:
     auth=scoped(ApiKeyScope.OPERATE),
 )
 def run_cancel(request: HttpRequest, run_id: str) -> Run:
-    return services.run_cancel(run=_run_or_404(run_id))
+    return services.run_cancel(run=_run_or_404(run_id), by=Actor.api(request.auth))
 
 
 @api.post(
@@ -553,7 +554,7 @@ def run_cancel(request: HttpRequest, run_id: str) -> Run:
     auth=scoped(ApiKeyScope.OPERATE),
 )
 def run_retry(request: HttpRequest, run_id: str) -> Run:
-    return services.run_retry(run=_run_or_404(run_id))
+    return services.run_retry(run=_run_or_404(run_id), by=Actor.api(request.auth))
 
 
 @api.post(
@@ -569,7 +570,7 @@ def run_replay(request: HttpRequest, run_id: str, body: ReplayIn | None = None) 
     body = body or ReplayIn()
     _refuse_unstorable_text(payload=body.payload, tags=body.tags)
     with _payload_errors():
-        new = services.run_replay(run=run, payload=body.payload, tags=body.tags)
+        new = services.run_replay(run=run, payload=body.payload, tags=body.tags, by=Actor.api(request.auth))
     return Status(201, new)
 
 
@@ -609,7 +610,7 @@ def event_send(request: HttpRequest, body: EventIn) -> Status[dict[str, Any]]:
 )
 def waitpoint_complete(request: HttpRequest, token: str, body: WaitpointCompleteIn) -> Any:
     _refuse_unstorable_text(data=body.data)
-    return services.waitpoint_complete(token=token, data=body.data, by=None)
+    return services.waitpoint_complete(token=token, data=body.data, by=Actor.api(request.auth))
 
 
 # --- errors --------------------------------------------------------------------------------------------------

@@ -15,13 +15,19 @@ from runs.engine.execute import run_execute
 from runs.engine.lease import Buffer, Claim, fenced_write, run_claim, worker_name
 from runs.engine.scheduler import TickResult, scheduler_tick
 from runs.engine.settle import run_park, run_settle
-from runs.engine.transitions import run_request_cancel, run_retry_from_failed_step, run_wake_now, runs_wake
+from runs.engine.transitions import (
+    run_cancel_tree,
+    run_request_cancel,
+    run_retry_from_failed_step,
+    run_wake_now,
+    runs_wake,
+)
 from runs.engine.waits import event_deliver, waitpoint_create, waitpoint_outcome, waitpoint_resolve
 
 __all__ = [  # noqa: RUF022 — grouped by job, as above
     "AsyncRunContext", "Buffer", "Claim", "LeaseLost", "Parked", "RunContext", "RunTimedOut", "StepFailedForGood",
     "StepOutputError", "TickResult", "encode_output", "enqueue_on_commit", "enqueue_to", "error_info",
-    "event_deliver", "fenced_write", "run_claim", "run_create", "run_execute", "run_park", "run_request_cancel",
-    "run_retry_from_failed_step", "run_settle", "run_wake_now", "runs_wake", "scheduler_tick", "waitpoint_create",
-    "waitpoint_outcome", "waitpoint_resolve", "worker_name",
+    "event_deliver", "fenced_write", "run_cancel_tree", "run_claim", "run_create", "run_execute", "run_park",
+    "run_request_cancel", "run_retry_from_failed_step", "run_settle", "run_wake_now", "runs_wake", "scheduler_tick",
+    "waitpoint_create", "waitpoint_outcome", "waitpoint_resolve", "worker_name",
 ]  # fmt: skip

@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from runs import realtime
 from runs.engine.codec import now
 from runs.engine.dispatch import enqueue_on_commit
-from runs.models import Run, RunStatus
+from runs.models import TERMINAL_STATUSES, Run, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,23 @@ def run_request_cancel(run_id: UUID | str) -> str | None:
             )
             return RunStatus.RUNNING
     return None
+
+
+def run_cancel_tree(run_id: UUID | str) -> str | None:
+    """Cancel a run and every unfinished run below it (children, their children...). Returns the run's status
+    after the request (canceled, or running until its next step boundary), or None if it had already finished."""
+    status = run_request_cancel(run_id)
+    if status is None:
+        return None
+    parents = [run_id]
+    while parents:
+        children = list(
+            Run.objects.filter(parent_id__in=parents).exclude(status__in=TERMINAL_STATUSES).values_list("id", flat=True)
+        )
+        for child_id in children:
+            run_request_cancel(child_id)
+        parents = children
+    return status
 
 
 def run_retry_from_failed_step(run_id: UUID | str) -> bool:

@@ -56,6 +56,7 @@ from runs.models import (
     Run,
     RunStatus,
 )
+from runs.ops.audit import Actor, audit_record
 from runs.sdk import parse_alert_target
 from runs.sdk.registry import UnknownTask, registry
 
@@ -116,6 +117,36 @@ def _task_or_none(task_id: str) -> Any:
 
 def destination_secret_new() -> str:
     return "whsec_" + secrets.token_urlsafe(24)
+
+
+def destination_save(*, destination: AlertDestination, by: Actor) -> AlertDestination:
+    """Create or update a destination (a webhook gets its signing secret on first save); audited."""
+    created = destination.pk is None
+    if destination.kind == AlertChannel.WEBHOOK and not destination.secret:
+        destination.secret = destination_secret_new()
+    with transaction.atomic():
+        destination.save()
+        audit_record(
+            by=by,
+            action="alert_destination_create" if created else "alert_destination_update",
+            destination=destination.pk,
+            kind=destination.kind,
+            target=destination.target,
+        )
+    return destination
+
+
+def destination_delete(*, destination: AlertDestination, by: Actor) -> None:
+    """Delete a destination (its past deliveries stay listed); audited."""
+    with transaction.atomic():
+        audit_record(
+            by=by,
+            action="alert_destination_delete",
+            destination=destination.pk,
+            kind=destination.kind,
+            target=destination.target,
+        )
+        destination.delete()
 
 
 # --- raising ------------------------------------------------------------------------------------------------
@@ -382,8 +413,9 @@ def delivery_send(delivery_id: int, *, max_attempts: int | None = None) -> Attem
     return Attempt(delivery, ok=ok, retry_in=retry_in)
 
 
-def alert_test_send(*, destination: AlertDestination) -> AlertDelivery:
-    """Send a test alert to one destination now, once (no retries), and return the recorded delivery."""
+def alert_test_send(*, destination: AlertDestination, by: Actor) -> AlertDelivery:
+    """Send a test alert to one destination now, once (no retries), and return the recorded delivery; audited
+    with its outcome."""
     with transaction.atomic():
         alert = Alert.objects.create(kind=AlertKind.TEST, payload={})
         alert.payload = {
@@ -401,7 +433,16 @@ def alert_test_send(*, destination: AlertDestination) -> AlertDelivery:
             target=destination.target,
             next_attempt_at=timezone.now() - timedelta(seconds=1),
         )
-    return delivery_send(delivery.pk, max_attempts=1).delivery or delivery
+    sent = delivery_send(delivery.pk, max_attempts=1).delivery or delivery
+    audit_record(
+        by=by,
+        action="alert_test",
+        destination=destination.pk,
+        target=destination.target,
+        delivered=sent.status == AlertDeliveryStatus.DELIVERED,
+        error=sent.last_error,
+    )
+    return sent
 
 
 # --- the scheduler's backstop -------------------------------------------------------------------------------

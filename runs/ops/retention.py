@@ -33,7 +33,7 @@ from django.db.models.expressions import RawSQL
 
 from runs import offload
 from runs.models import TERMINAL_STATUSES, LogLine, Run, Step
-from runs.ops.audit import audit_record
+from runs.ops.audit import Actor, audit_record
 
 log = logging.getLogger("dex.retention")
 
@@ -106,6 +106,7 @@ def runs_prune(
     max_batches: int | None = None,
     dry_run: bool = False,
     reason: str = "prune_runs",
+    by: Actor | None = None,
 ) -> PruneResult:
     """Delete eligible runs (see the module docstring) in batches of `batch_size`, each its own transaction.
     With `dry_run`, count what would go and delete nothing."""
@@ -141,7 +142,7 @@ def runs_prune(
         result.more = True
     if result.runs:
         audit_record(
-            user=None,
+            by=by or Actor.system("retention"),
             action="prune",
             reason=reason,
             older_than_seconds=older_than.total_seconds(),

@@ -25,6 +25,7 @@ from django.db.models.functions import Now
 
 from runs import services
 from runs.models import Run, Schedule, ScheduleSource
+from runs.ops.audit import Actor, audit_record
 from runs.sdk.registry import UnknownTask, registry
 
 log = logging.getLogger("dex.schedules")
@@ -103,24 +104,28 @@ def schedule_validate(*, task_id: str, cron: str, timezone: str, payload: Any) -
 
 
 def schedule_create(
-    *, task_id: str, cron: str, timezone: str = "UTC", payload: dict | None = None, enabled: bool = True
+    *, task_id: str, cron: str, by: Actor, timezone: str = "UTC", payload: dict | None = None, enabled: bool = True
 ) -> Schedule:
     """Create a user schedule. Raises ScheduleInvalid."""
     cron, timezone, stored = schedule_validate(task_id=task_id, cron=cron, timezone=timezone, payload=payload)
-    return Schedule.objects.create(
-        task_id=task_id,
-        cron=cron,
-        timezone=timezone,
-        payload=stored,
-        enabled=enabled,
-        source=ScheduleSource.USER,
-        next_run_at=cron_next(cron, timezone, after=_db_now()) if enabled else None,
-    )
+    with transaction.atomic():
+        schedule = Schedule.objects.create(
+            task_id=task_id,
+            cron=cron,
+            timezone=timezone,
+            payload=stored,
+            enabled=enabled,
+            source=ScheduleSource.USER,
+            next_run_at=cron_next(cron, timezone, after=_db_now()) if enabled else None,
+        )
+        audit_record(by=by, action="schedule_create", schedule=schedule.pk, task=task_id, cron=cron)
+    return schedule
 
 
 def schedule_update(
     *,
     schedule: Schedule,
+    by: Actor,
     cron: str | None = None,
     timezone: str | None = None,
     payload: dict | None = None,
@@ -150,15 +155,18 @@ def schedule_update(
             row.next_run_at = cron_next(new_cron, new_tz, after=_db_now())
             fields.append("next_run_at")
         row.save(update_fields=fields)
+        audit_record(by=by, action="schedule_update", schedule=row.pk, task=row.task_id, cron=row.cron)
     schedule.refresh_from_db()
     return schedule
 
 
-def schedule_delete(*, schedule: Schedule) -> None:
+def schedule_delete(*, schedule: Schedule, by: Actor) -> None:
     """Delete a user schedule (its runs stay). Raises ScheduleOwnedByCode."""
     if schedule.source == ScheduleSource.CODE:
         raise ScheduleOwnedByCode(f"the schedule of {schedule.task_id!r} is declared in code; remove @task(schedule=)")
-    schedule.delete()
+    with transaction.atomic():
+        audit_record(by=by, action="schedule_delete", schedule=schedule.pk, task=schedule.task_id, cron=schedule.cron)
+        schedule.delete()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from runs.models import AlertChannel, AlertDelivery, AlertDeliveryStatus, AlertDestination, AlertKind
 from runs.ops import alerts
-from runs.ops.audit import audit_record, is_operator
+from runs.ops.audit import Actor, is_operator
 from runs.sdk.registry import registry
 from runs.web.permissions import operator_required
 
@@ -102,12 +102,8 @@ def alert_list(request: HttpRequest) -> HttpResponse:
     return _page(request, AlertDestinationForm(initial={"kind": AlertChannel.WEBHOOK, "enabled": True}))
 
 
-def _save(form: AlertDestinationForm) -> AlertDestination:
-    dest = form.save(commit=False)
-    if dest.kind == AlertChannel.WEBHOOK and not dest.secret:
-        dest.secret = alerts.destination_secret_new()
-    dest.save()
-    return dest
+def _save(request: HttpRequest, form: AlertDestinationForm) -> AlertDestination:
+    return alerts.destination_save(destination=form.save(commit=False), by=Actor.web(request.user))
 
 
 @operator_required
@@ -115,10 +111,7 @@ def _alert_create(request: HttpRequest) -> HttpResponse:
     form = AlertDestinationForm(request.POST)
     if not form.is_valid():
         return _page(request, form, status=422)
-    dest = _save(form)
-    audit_record(
-        user=request.user, action="alert_destination_create", destination=dest.pk, kind=dest.kind, target=dest.target
-    )
+    dest = _save(request, form)
     messages.success(request, f"Alerts now go to {dest.target} too. Send a test alert to check it.")
     return redirect("alert-list")
 
@@ -137,10 +130,7 @@ def _alert_update(request: HttpRequest, dest: AlertDestination) -> HttpResponse:
     form = AlertDestinationForm(request.POST, instance=dest)
     if not form.is_valid():
         return _page(request, form, editing=dest, status=422)
-    dest = _save(form)
-    audit_record(
-        user=request.user, action="alert_destination_update", destination=dest.pk, kind=dest.kind, target=dest.target
-    )
+    dest = _save(request, form)
     messages.success(request, f"Saved the destination {dest.target}.")
     return redirect("alert-list")
 
@@ -149,10 +139,7 @@ def _alert_update(request: HttpRequest, dest: AlertDestination) -> HttpResponse:
 @operator_required
 def alert_delete(request: HttpRequest, destination_id: int) -> HttpResponse:
     dest = get_object_or_404(AlertDestination, pk=destination_id)
-    audit_record(
-        user=request.user, action="alert_destination_delete", destination=dest.pk, kind=dest.kind, target=dest.target
-    )
-    dest.delete()
+    alerts.destination_delete(destination=dest, by=Actor.web(request.user))
     messages.success(request, f"Deleted the destination {dest.target}; its past deliveries stay listed.")
     return redirect("alert-list")
 
@@ -163,15 +150,7 @@ def alert_test(request: HttpRequest, destination_id: int) -> HttpResponse:
     """Send a test alert now (one attempt, in this request, bounded by DEX_ALERT_TIMEOUT_SECONDS) and say how
     it went."""
     dest = get_object_or_404(AlertDestination, pk=destination_id)
-    delivery = alerts.alert_test_send(destination=dest)
-    audit_record(
-        user=request.user,
-        action="alert_test",
-        destination=dest.pk,
-        target=dest.target,
-        delivered=delivery.status == AlertDeliveryStatus.DELIVERED,
-        error=delivery.last_error,
-    )
+    delivery = alerts.alert_test_send(destination=dest, by=Actor.web(request.user))
     if delivery.status == AlertDeliveryStatus.DELIVERED:
         how = f"HTTP {delivery.response_status}" if dest.kind == AlertChannel.WEBHOOK else "handed to the mail server"
         messages.success(request, f"Test alert delivered to {dest.target} ({how}).")

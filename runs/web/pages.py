@@ -26,7 +26,7 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from runs import selectors, services
 from runs.models import ApiKey, Event, Run, Schedule, ScheduleSource, Waitpoint, WaitpointKind
-from runs.ops.audit import audit_record, is_operator
+from runs.ops.audit import Actor, is_operator
 from runs.ops.schedules import ScheduleInvalid, ScheduleOwnedByCode, schedule_create, schedule_delete, schedule_update
 from runs.sdk import Task
 from runs.sdk.registry import UnknownTask, registry
@@ -137,11 +137,11 @@ def _task_trigger(request: HttpRequest, task: Task) -> HttpResponse:
                 idempotency_key=options["idempotency_key"] or None,
                 tags=options["tags"],
                 delay=options["delay"],
+                by=Actor.web(request.user),
             )
         except pydantic.ValidationError as exc:
             dex_forms.payload_errors_to_form(payload_form, exc)
         else:
-            audit_record(user=request.user, action="trigger", run_ids=[run.pk], task=task.id, created=created)
             if created:
                 messages.success(request, f"Triggered {task.id}: run {run.pk}.")
             else:
@@ -190,17 +190,12 @@ def _event_send(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         return _events_page(request, form, status=200 if request.htmx else 422)
     event, created = event_send(
-        name=form.cleaned_data["name"], data=form.cleaned_data["data"], external_id=form.cleaned_data["id"]
+        name=form.cleaned_data["name"],
+        data=form.cleaned_data["data"],
+        external_id=form.cleaned_data["id"],
+        by=Actor.web(request.user),
     )
     outcome = event.outcome or {}
-    audit_record(
-        user=request.user,
-        action="event_send",
-        run_ids=[*outcome.get("resumed", []), *outcome.get("started", [])],
-        event=str(event.pk),
-        name=event.name,
-        created=created,
-    )
     if created:
         resumed, started = len(outcome.get("resumed", [])), len(outcome.get("started", []))
         messages.success(request, f"Sent {event.name}: resumed {resumed} run(s), started {started}.")
@@ -268,7 +263,7 @@ def approval_complete(request: HttpRequest, waitpoint_id: int) -> HttpResponse:
             }
         data = {"approved": decision == "approve", "comment": comment, "data": fields}
         try:
-            waitpoint_complete(token=wp.token, data=data, by=request.user)
+            waitpoint_complete(token=wp.token, data=data, by=Actor.web(request.user))
         except ImportError:  # the form's code moved since the run asked: approving would lose its checks
             messages.error(request, f"The approval's form {wp.form} can't be imported: reject it, or fix the code.")
             return _go(request, "approval-list")
@@ -280,7 +275,6 @@ def approval_complete(request: HttpRequest, waitpoint_id: int) -> HttpResponse:
             if form is not None:
                 form.is_valid()  # the same errors, shown on their fields
         else:
-            audit_record(user=request.user, action=decision, run_ids=[wp.run_id], step=wp.step_key, comment=comment)
             notice = f"{'Approved' if decision == 'approve' else 'Rejected'}: run {wp.run_id} resumes."
             if request.htmx:
                 return render(request, "runs/approvals.html#approval-done", {"wp": wp, "notice": notice})
@@ -323,17 +317,11 @@ def _schedule_create(request: HttpRequest) -> HttpResponse:
                 timezone=data["timezone"],
                 payload=data["payload"],
                 enabled=data["enabled"],
+                by=Actor.web(request.user),
             )
         except ScheduleInvalid as exc:
             _schedule_errors(form, exc)
         else:
-            audit_record(
-                user=request.user,
-                action="schedule_create",
-                schedule=schedule.pk,
-                task=schedule.task_id,
-                cron=schedule.cron,
-            )
             messages.success(request, f"Scheduled {schedule.task_id} at {schedule.cron} ({schedule.timezone}).")
             return redirect("schedule-list")
     return _schedules_page(request, form, status=422)
@@ -376,6 +364,7 @@ def _schedule_update(request: HttpRequest, schedule: Schedule) -> HttpResponse:
                 timezone=data["timezone"],
                 payload=data["payload"],
                 enabled=data["enabled"],
+                by=Actor.web(request.user),
             )
         except ScheduleInvalid as exc:
             _schedule_errors(form, exc)
@@ -383,13 +372,6 @@ def _schedule_update(request: HttpRequest, schedule: Schedule) -> HttpResponse:
             messages.error(request, str(exc))
             return redirect("schedule-list")
         else:
-            audit_record(
-                user=request.user,
-                action="schedule_update",
-                schedule=schedule.pk,
-                task=schedule.task_id,
-                cron=schedule.cron,
-            )
             messages.success(request, f"Updated the schedule of {schedule.task_id}.")
             return redirect("schedule-list")
     context = {"editing": schedule, "form": form, "can_operate": True}
@@ -401,13 +383,10 @@ def _schedule_update(request: HttpRequest, schedule: Schedule) -> HttpResponse:
 def schedule_remove(request: HttpRequest, schedule_id: int) -> HttpResponse:
     schedule = get_object_or_404(Schedule, pk=schedule_id)
     try:
-        schedule_delete(schedule=schedule)
+        schedule_delete(schedule=schedule, by=Actor.web(request.user))
     except ScheduleOwnedByCode as exc:
         messages.error(request, str(exc))
     else:
-        audit_record(
-            user=request.user, action="schedule_delete", schedule=schedule_id, task=schedule.task_id, cron=schedule.cron
-        )
         messages.success(request, f"Deleted the schedule of {schedule.task_id} ({schedule.cron}).")
     return redirect("schedule-list")
 
@@ -431,18 +410,9 @@ def _apikey_create(request: HttpRequest) -> HttpResponse:
     days = form.cleaned_data.get("expires_in_days")
     key, secret = services.apikey_create(
         name=form.cleaned_data["name"],
-        created_by=request.user,
+        by=Actor.web(request.user),
         scopes=form.cleaned_data["scopes"],
         expires_in=timedelta(days=days) if days else None,
-    )
-    audit_record(
-        user=request.user,
-        action="apikey_create",
-        key=key.pk,
-        name=key.name,
-        prefix=key.prefix,
-        scopes=key.scopes,
-        expires_at=key.expires_at.isoformat() if key.expires_at else None,
     )
     # Rendered, not redirected: the secret must not pass through the session or a cookie (messages), and
     # this response is the only place it ever appears.
@@ -468,8 +438,7 @@ def _apikeys_page(
 @operator_required
 def apikey_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=key_id)
-    if services.apikey_revoke(key=key):
-        audit_record(user=request.user, action="apikey_revoke", key=key.pk, name=key.name, prefix=key.prefix)
+    if services.apikey_revoke(key=key, by=Actor.web(request.user)):
         messages.success(request, f"Revoked {key.name} ({key.prefix}…): requests with it now fail.")
     else:
         messages.info(request, f"{key.name} was already revoked.")

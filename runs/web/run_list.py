@@ -1,7 +1,7 @@
 """The Runs list (`/`), bulk actions on runs (`/runs/bulk/`) and the audit log (`/audit/`).
 
 Thin: filters come from runs.web.run_filters, reads from runs.selectors / runs.web.fragments (the same reads the
-run-list socket uses), writes from runs.web.bulk. `request.htmx` only picks the partial to render.
+run-list socket uses), writes from runs.services. `request.htmx` only picks the partial to render.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from runs import selectors
-from runs.ops.audit import is_operator
-from runs.web import bulk, fragments
+from runs import selectors, services
+from runs.ops.audit import Actor, is_operator
+from runs.web import fragments
 from runs.web.permissions import operator_required
 from runs.web.run_filters import FILTER_FIELDS, RunFilterForm, filter_querystring
 
@@ -74,7 +74,7 @@ def run_list(request: HtmxHttpRequest) -> HttpResponse:
 def runs_bulk(request: HtmxHttpRequest) -> HttpResponse:
     """A bulk action in two steps: without `confirm`, the dry run (how many runs, a sample); with it, act."""
     action = request.POST.get("action", "")
-    if action not in bulk.BULK_ACTIONS:
+    if action not in services.BULK_ACTIONS:
         return HttpResponseBadRequest(f"unknown action {action[:50]!r}")
     by_filter = request.POST.get("scope") == "filter"
     filters = RunFilterForm(request.POST).filters() if by_filter else None
@@ -89,8 +89,8 @@ def runs_bulk(request: HtmxHttpRequest) -> HttpResponse:
     if request.POST.get("confirm"):
         upto = request.POST.get("upto") or None
         try:
-            context["result"] = bulk.runs_bulk_apply(
-                user=request.user,
+            context["result"] = services.runs_bulk_apply(
+                by=Actor.web(request.user),
                 action=action,  # type: ignore[arg-type]
                 run_ids=run_ids,
                 filters=filters,
@@ -100,7 +100,7 @@ def runs_bulk(request: HtmxHttpRequest) -> HttpResponse:
             return HttpResponseBadRequest(str(exc))
         partial = "bulk-result"
     else:
-        context["preview"] = bulk.runs_bulk_preview(
+        context["preview"] = services.runs_bulk_preview(
             action=action,  # type: ignore[arg-type]
             run_ids=run_ids,
             filters=filters,

@@ -27,7 +27,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from runs import services
 from runs.engine import StepOutputError
 from runs.models import Run, Step, Waitpoint, WaitpointKind
-from runs.ops.audit import audit_record, is_operator
+from runs.ops.audit import Actor, is_operator
 from runs.sdk.registry import UnknownTask
 from runs.services import WaitpointError, waitpoint_complete
 from runs.web import fragments
@@ -53,10 +53,9 @@ def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
 def run_cancel(request: HttpRequest, run_id: UUID) -> HttpResponse:
     run = get_object_or_404(Run, pk=run_id)
     try:
-        run = services.run_cancel(run=run)
+        run = services.run_cancel(run=run, by=Actor.web(request.user))
     except services.RunStateError as exc:
         return _refused(request, run_id, str(exc))
-    audit_record(user=request.user, action="cancel", run_ids=[run.pk])
     done = "Canceled." if run.is_terminal else "Cancel requested: the run stops at its next step boundary."
     return _done(request, run_id, done)
 
@@ -66,10 +65,9 @@ def run_cancel(request: HttpRequest, run_id: UUID) -> HttpResponse:
 def run_retry(request: HttpRequest, run_id: UUID) -> HttpResponse:
     run = get_object_or_404(Run, pk=run_id)
     try:
-        services.run_retry(run=run)
+        services.run_retry(run=run, by=Actor.web(request.user))
     except services.RunStateError as exc:
         return _refused(request, run_id, str(exc))
-    audit_record(user=request.user, action="retry", run_ids=[run.pk])
     return _done(request, run_id, "Retrying from the failed step.")
 
 
@@ -89,14 +87,11 @@ def run_replay(request: HttpRequest, run_id: UUID) -> HttpResponse:
         if payload == run.payload:
             payload = None  # the form echoes the payload back: unchanged is not an edit
     try:
-        new = services.run_replay(run=run, payload=payload)
+        new = services.run_replay(run=run, payload=payload, by=Actor.web(request.user))
     except (services.RunStateError, UnknownTask) as exc:
         return _refused(request, run_id, str(exc))
     except pydantic.ValidationError as exc:
         return _refused(request, run_id, f"The payload doesn't fit the task: {_errors(exc)}")
-    audit_record(
-        user=request.user, action="replay", run_ids=[run.pk, new.pk], new_run=str(new.pk), payload_edited=bool(payload)
-    )
     return _go_to(request, new, f"Replayed as run {new.pk}.")
 
 
@@ -113,17 +108,9 @@ def run_fork(request: HttpRequest, run_id: UUID, step_pk: int) -> HttpResponse:
         except ValueError as exc:
             return _refused(request, run_id, f"The edited output isn't valid JSON: {exc}")
     try:
-        fork = services.run_fork(run=run, step_key=step.key, **edit)
+        fork = services.run_fork(run=run, step_key=step.key, by=Actor.web(request.user), **edit)
     except (services.RunStateError, StepOutputError) as exc:
         return _refused(request, run_id, str(exc))
-    audit_record(
-        user=request.user,
-        action="fork",
-        run_ids=[run.pk, fork.pk],
-        new_run=str(fork.pk),
-        step=step.key,
-        output_edited=bool(edit),
-    )
     return _go_to(request, fork, f"Forked from step {step.key} as run {fork.pk}.")
 
 
@@ -141,11 +128,10 @@ def run_waitpoint_complete(request: HttpRequest, run_id: UUID, waitpoint_id: int
         "data": _approval_fields(request, wp) if decision == "approve" else {},
     }
     try:
-        waitpoint_complete(token=wp.token, data=data, by=request.user)
+        waitpoint_complete(token=wp.token, data=data, by=Actor.web(request.user))
     except WaitpointError as exc:
         details = "; ".join(f"{d['loc'][-1]}: {d['msg']}" for d in exc.details or [] if d.get("loc"))
         return _refused(request, run_id, f"{exc}{': ' + details if details else ''}.")
-    audit_record(user=request.user, action=decision, run_ids=[run_id], step=wp.step_key, comment=data["comment"])
     return _done(request, run_id, "Approved." if data["approved"] else "Rejected.")
 
 

@@ -31,6 +31,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 from runs import realtime, services
 from runs.ai.testserver import serve_in_thread
 from runs.models import Run, RunStatus, StepChunk
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import ROOT, SESSION, Proc, wait_for
 
@@ -440,7 +441,7 @@ def test_a_viewer_sees_no_actions_and_a_forged_post_is_refused(
     assert response.status == 403
     assert "CSRF" not in response.text(), "refused by the CSRF check, not by the permission"
     assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING
-    services.run_cancel(run=Run.objects.get(pk=run.pk))
+    services.run_cancel(run=Run.objects.get(pk=run.pk), by=Actor.system("tests"))
 
 
 SOCKET_OUTCOME = """(url) => new Promise((resolve) => {
@@ -584,4 +585,4 @@ def test_the_list_shows_new_runs_live_and_a_bulk_cancel_by_filter_counts_first(
     for run in runs:
         expect(page.locator(f"#run-{run.pk}")).to_contain_text("Canceled", timeout=LIVE)
     assert Run.objects.get(pk=other.pk).status == RunStatus.WAITING
-    services.run_cancel(run=Run.objects.get(pk=other.pk))
+    services.run_cancel(run=Run.objects.get(pk=other.pk), by=Actor.system("tests"))

@@ -10,6 +10,7 @@ import pytest
 
 import bench.faultkit  # noqa: F401  (registers the fault tasks in this process)
 from bench.faultkit import Cluster, PrivatePostgres, PrivateRedis
+from runs.ops.audit import Actor
 from tests.conftest import SESSION
 
 
@@ -46,5 +47,5 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 def api_secret() -> str:
     from runs import services
 
-    _key, secret = services.apikey_create(name="faults")
+    _key, secret = services.apikey_create(name="faults", by=Actor.system("tests"))
     return secret

@@ -18,6 +18,7 @@ import pytest
 import tests.flow_agents  # noqa: F401  (registers the flow-control test tasks in this process)
 from runs import services
 from runs.models import TERMINAL_STATUSES, Run, RunStatus
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import SESSION, Proc, Processes, wait_for
 from tests.flow_agents import AGENTS_QUEUE
@@ -236,7 +237,7 @@ def test_a_parked_run_gives_its_slot_to_the_next(fleet, ledger):
     )
     assert sorted(ledger_lines(ledger)) == ["before sleep 1", "before sleep 2"]
     for run in runs:
-        services.run_cancel(run=run)
+        services.run_cancel(run=run, by=Actor.system("tests"))
 
 
 def test_a_task_with_a_queue_runs_on_the_workers_of_that_queue(fleet):

@@ -8,6 +8,7 @@ import pytest
 
 from runs.models import Run, RunStatus, Schedule, ScheduleSource
 from runs.ops import schedules
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import wait_for
 from tests.integration.test_worker import finished
@@ -24,7 +25,10 @@ def test_two_schedulers_fire_each_slot_exactly_once(processes, tmp_path):
     started = schedules._db_now()
     every_minute = [
         schedules.schedule_create(
-            task_id="t-ten-steps", cron="* * * * *", payload={"ledger": str(tmp_path / f"ledger{i}.txt"), "steps": 1}
+            task_id="t-ten-steps",
+            cron="* * * * *",
+            payload={"ledger": str(tmp_path / f"ledger{i}.txt"), "steps": 1},
+            by=Actor.system("tests"),
         )
         for i in range(SCHEDULES)
     ]

@@ -7,6 +7,7 @@ import pytest
 from dexweb.celery import app
 from runs import services
 from runs.models import Run, RunStatus
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import wait_for
 from tests.integration.test_worker import finished
@@ -80,7 +81,9 @@ def test_an_approval_completed_with_its_token_resumes_the_run(processes):
     run, _ = services.run_trigger(task_id="t-approval", payload={"order": "C-3"})
     parked(run)
     token = Waitpoint.objects.get(run=run).token
-    services.waitpoint_complete(token=token, data={"approved": True, "data": {"amount": "5", "reason": "broken"}})
+    services.waitpoint_complete(
+        token=token, data={"approved": True, "data": {"amount": "5", "reason": "broken"}}, by=Actor.system("tests")
+    )
     finished(run)
     assert run.output["answer"]["approved"] is True
     assert run.output["answer"]["data"] == {"amount": "5", "reason": "broken"}
@@ -100,7 +103,7 @@ def test_cancelling_a_parent_cancels_its_waiting_children(processes):
     run, _ = services.run_trigger(task_id="t-parent-sleepy-child", payload={})
     child = wait_for(lambda: Run.objects.filter(parent=run, status=RunStatus.WAITING).first(), what="the child")
     parked(run)
-    services.run_cancel(run=Run.objects.get(pk=run.pk))
+    services.run_cancel(run=Run.objects.get(pk=run.pk), by=Actor.system("tests"))
     child.refresh_from_db()
     run.refresh_from_db()
     assert (run.status, child.status) == (RunStatus.CANCELED, RunStatus.CANCELED)

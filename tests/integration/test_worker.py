@@ -6,6 +6,7 @@ import pytest
 
 from runs import services
 from runs.models import Run, RunStatus
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import wait_for
 
@@ -120,7 +121,7 @@ def test_cancel_of_a_running_run_starts_no_step_after_it(processes, ledger):
     processes.worker()
     run, _ = services.run_trigger(task_id="t-ten-steps", payload={"ledger": str(ledger), "pause": 0.3})
     wait_for(lambda: "s3" in ledger_lines(ledger), what="step 3 to start")
-    services.run_cancel(run=Run.objects.get(pk=run.pk))
+    services.run_cancel(run=Run.objects.get(pk=run.pk), by=Actor.system("tests"))
     cancelled_after = len(ledger_lines(ledger))
     finished(run)
     assert run.status == RunStatus.CANCELED
@@ -133,7 +134,7 @@ def test_cancel_of_a_run_waiting_for_its_retry_takes_effect_at_once(processes, l
     processes.worker()
     run, _ = services.run_trigger(task_id="t-flaky", payload={"ledger": str(ledger), "failures": 100})
     wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.WAITING, what="the retry back-off")
-    services.run_cancel(run=Run.objects.get(pk=run.pk))
+    services.run_cancel(run=Run.objects.get(pk=run.pk), by=Actor.system("tests"))
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELED
 

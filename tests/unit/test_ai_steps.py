@@ -10,6 +10,7 @@ import pytest
 
 from runs import realtime, services
 from runs.models import Run, RunStatus, StepChunk, Waitpoint
+from runs.ops.audit import Actor
 from runs.testing import drive, run_task
 from tests.agents import ledger_lines
 
@@ -67,7 +68,7 @@ def test_a_retried_run_makes_exactly_one_new_llm_call_and_records_the_saving(llm
     run = run_task("t-llm-chain", {"topic": "y", "fail_last": "[[fail: 500 x3]]"})
     assert run.status == RunStatus.FAILED and run.error["step"] == "final"
     before = requests_made(llm)
-    services.run_retry(run=run)
+    services.run_retry(run=run, by=Actor.system("tests"))
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
     assert requests_made(llm) - before == 1
@@ -78,7 +79,7 @@ def test_a_retried_run_makes_exactly_one_new_llm_call_and_records_the_saving(llm
 def test_an_identical_call_in_a_replay_hits_the_cache(llm):
     first = run_task("t-llm-chain", {"topic": "z"})
     before = requests_made(llm)
-    replay = drive(services.run_replay(run=first))
+    replay = drive(services.run_replay(run=first, by=Actor.system("tests")))
     assert replay.status == RunStatus.COMPLETED and replay.output == first.output
     assert requests_made(llm) == before
     assert all(s.meta["usage"]["cached"] for s in replay.steps.all())
@@ -96,7 +97,7 @@ def test_a_budget_cap_parks_the_run_in_an_approval(llm):
     approval = Waitpoint.objects.get(run=run)
     assert approval.prompt.startswith("Budget exceeded — continue with +$")
     assert requests_made(llm) == 0  # nothing was spent before someone said yes
-    services.waitpoint_complete(token=approval.token, data={"approved": True})
+    services.waitpoint_complete(token=approval.token, data={"approved": True}, by=Actor.system("tests"))
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
     assert requests_made(llm) == 1

@@ -14,6 +14,8 @@ from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from hypothesis import HealthCheck, settings
 
+from runs.ops.audit import Actor
+
 pytestmark = pytest.mark.django_db
 
 schema = schemathesis.openapi.from_wsgi("/api/openapi.json", get_wsgi_application())
@@ -36,7 +38,7 @@ def keep_the_test_connection() -> Iterator[None]:
 def auth_header() -> dict[str, str]:
     from runs import services
 
-    _key, secret = services.apikey_create(name="fuzz")
+    _key, secret = services.apikey_create(name="fuzz", by=Actor.system("tests"))
     return {"Authorization": f"Bearer {secret}"}
 
 

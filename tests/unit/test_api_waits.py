@@ -59,7 +59,7 @@ def test_a_run_lists_its_pending_approval_and_the_token_completes_it(client):
     assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING
     ok = post(client, url, {"data": {"approved": False, "comment": "no"}})
     assert ok.status_code == 200
-    assert ok.json()["result"] == {"approved": False, "by": "", "comment": "no", "data": {}}
+    assert ok.json()["result"] == {"approved": False, "by": "api-key:tests", "comment": "no", "data": {}}
     assert Run.objects.get(pk=run.pk).status == RunStatus.QUEUED
     assert post(client, url, {"data": {"approved": True}}).status_code == 409
     assert client.get(f"/api/runs/{run.id}").json()["waitpoints"] == []

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from runs import engine, services
 from runs.models import LogLine, Run, RunStatus, Step, StepStatus
+from runs.ops.audit import Actor
 from runs.sdk import Retry, task
 from runs.testing import drive, run_task
 from tests.agents import ledger_lines
@@ -92,7 +93,7 @@ def test_it_fails_at_once_on_a_nonretriable_error(ledger):
 
 def test_retry_resumes_from_the_failed_step(ledger):
     run = run_task("t-fails", {"ledger": str(ledger)})
-    assert services.run_retry(run=run).status == RunStatus.QUEUED
+    assert services.run_retry(run=run, by=Actor.system("tests")).status == RunStatus.QUEUED
     run = drive(run)
     assert run.status == RunStatus.FAILED
     # "ok" ran once in all; "bad" got a fresh budget of 2 attempts.
@@ -276,11 +277,11 @@ def test_the_tick_says_when_a_cron_schedule_is_due():
 def test_fork_from_a_step_reuses_earlier_steps_and_runs_from_it(ledger):
     run = run_task("t-ten-steps", {"ledger": str(ledger), "steps": 4})
     assert ledger_lines(ledger) == ["s1", "s2", "s3", "s4"]
-    fork = services.run_fork(run=run, step_key="s3", output=100)
+    fork = services.run_fork(run=run, step_key="s3", output=100, by=Actor.system("tests"))
     fork = drive(fork)
     assert fork.status == RunStatus.COMPLETED and fork.replay_of_id == run.id
     # s1 and s2 were reused (s2 with its edited output); s3 and s4 ran again.
     assert ledger_lines(ledger) == ["s1", "s2", "s3", "s4", "s3", "s4"]
     assert fork.output == {"total": 1 + 100 + 3 + 4}
     with pytest.raises(services.RunStateError):
-        services.run_fork(run=run, step_key="nope")
+        services.run_fork(run=run, step_key="nope", by=Actor.system("tests"))

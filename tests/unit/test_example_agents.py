@@ -7,6 +7,7 @@ import json
 import pytest
 
 from runs.models import RunStatus
+from runs.ops.audit import Actor
 
 pytestmark = pytest.mark.django_db
 
@@ -227,7 +228,9 @@ def test_support_agent_sends_the_reply_the_approver_edited(llm):
     assert not run.steps.filter(key="send").exists()  # nothing sent before approval
 
     edited = "Hi Ada, sorry about that: we refunded the duplicate charge today."
-    services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": edited}})
+    services.waitpoint_complete(
+        token=wp.token, data={"approved": True, "data": {"reply": edited}}, by=Actor.system("tests")
+    )
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "sent" and run.output["reply"] == edited and run.output["edited"]
@@ -241,7 +244,9 @@ def test_support_agent_sends_the_draft_when_approved_unedited(llm):
 
     run = _start_support_run()
     wp = run.waitpoints.get(step_key="send-reply")
-    services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"reply": ""}})
+    services.waitpoint_complete(
+        token=wp.token, data={"approved": True, "data": {"reply": ""}}, by=Actor.system("tests")
+    )
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "sent" and not run.output["edited"]
@@ -254,7 +259,9 @@ def test_support_agent_sends_nothing_when_rejected(llm):
 
     run = _start_support_run()
     wp = run.waitpoints.get(step_key="send-reply")
-    services.waitpoint_complete(token=wp.token, data={"approved": False, "comment": "escalate to billing"})
+    services.waitpoint_complete(
+        token=wp.token, data={"approved": False, "comment": "escalate to billing"}, by=Actor.system("tests")
+    )
     run = drive(run)
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["status"] == "rejected" and run.output["comment"] == "escalate to billing"

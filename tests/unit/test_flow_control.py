@@ -16,7 +16,7 @@ import tests.flow_agents  # noqa: F401  (registers the flow-control test tasks)
 from runs import engine, services
 from runs.engine import flow
 from runs.models import Run, RunStatus
-from runs.ops.audit import roles_ensure
+from runs.ops.audit import Actor, roles_ensure
 from runs.sdk import task
 from runs.testing import drive
 
@@ -195,7 +195,7 @@ def test_the_dashboard_shows_why_a_run_waits():
 
 
 def test_the_api_says_why_a_run_waits_and_takes_a_priority():
-    _key, secret = services.apikey_create(name="flow")
+    _key, secret = services.apikey_create(name="flow", by=Actor.system("tests"))
     api = Client(headers={"authorization": f"Bearer {secret}"})
     response = api.post(
         "/api/tasks/t-flow-priority/trigger",

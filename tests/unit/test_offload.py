@@ -15,6 +15,7 @@ from django.test import Client
 
 from runs import engine, offload, services
 from runs.models import ApiKey, Run, RunStatus, Step, StepStatus
+from runs.ops.audit import Actor
 from runs.sdk import Retry, task
 from runs.testing import drive, run_task
 
@@ -153,7 +154,7 @@ def test_a_value_that_looks_like_a_reference_comes_back_as_it_was():
 
 def test_a_fork_has_its_own_copy_so_pruning_the_original_keeps_it_whole(outputs_dir: Path):
     run = run_task(big_then_flaky, {})
-    fork = services.run_fork(run=run, step_key="flaky")
+    fork = services.run_fork(run=run, step_key="flaky", by=Actor.system("tests"))
     copied = fork.steps.get(key="big")
     assert _raw_output(copied)[1]["$dex_blob"].startswith(f"{fork.pk}/")
     Run.objects.filter(pk=run.pk).delete()

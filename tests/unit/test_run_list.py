@@ -11,50 +11,21 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from runs import selectors
+from runs import selectors, services
 from runs.ids import uuid7_floor
 from runs.models import AuditEntry, Run, RunStatus, Step, StepStatus
-from runs.ops.audit import roles_ensure
+from runs.ops.audit import Actor
 from runs.selectors import RunListFilters
-from runs.web import bulk, fragments
+from runs.web import fragments
 from runs.web.consumers import RunListConsumer
+from tests.conftest import persona
 
 pytestmark = pytest.mark.django_db
-
-
-def persona(role: str) -> Any:
-    user = get_user_model().objects.create_user(role, password=f"pw-{role}-123")
-    roles_ensure()  # a transactional test before this one flushed the groups the migration made
-    user.groups.add(Group.objects.get(name=role))
-    return user
-
-
-def logged_in(user: Any) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
-
-
-@pytest.fixture
-def viewer() -> Client:
-    return logged_in(persona("viewer"))
-
-
-@pytest.fixture
-def operator_user() -> Any:
-    return persona("operator")
-
-
-@pytest.fixture
-def operator(operator_user: Any) -> Client:
-    return logged_in(operator_user)
 
 
 def make_run(**fields: Any) -> Run:
@@ -232,7 +203,7 @@ def test_a_bulk_retry_of_a_selection_shows_a_dry_run_then_acts_and_is_audited(
     assert entry.user == operator_user and entry.username == "operator"
     assert entry.action == "bulk_retry"
     assert set(entry.run_ids) == {r.pk for r in failed}
-    assert entry.detail["by"] == "selection" and entry.detail["count"] == 3
+    assert entry.detail["scope"] == "selection" and entry.detail["count"] == 3
 
 
 def test_a_bulk_cancel_by_filter_acts_only_on_what_the_dry_run_counted(operator: Client) -> None:
@@ -260,14 +231,14 @@ def test_a_bulk_cancel_by_filter_acts_only_on_what_the_dry_run_counted(operator:
 def test_a_bulk_replay_starts_linked_runs_and_respects_its_limit(
     operator_user: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(bulk.BULK_LIMITS, "replay", 2)
+    monkeypatch.setitem(services.BULK_LIMITS, "replay", 2)
     originals = [make_run(status=RunStatus.FAILED, task_id="t-typed", tags=["r"]) for _ in range(3)]
     filters = RunListFilters(tag="r")
 
-    preview = bulk.runs_bulk_preview(action="replay", filters=filters)
+    preview = services.runs_bulk_preview(action="replay", filters=filters)
     assert preview.count == 3 and preview.over_limit and preview.will_act_on == 2
 
-    result = bulk.runs_bulk_apply(user=operator_user, action="replay", filters=filters, upto=preview.upto)
+    result = services.runs_bulk_apply(by=Actor.web(operator_user), action="replay", filters=filters, upto=preview.upto)
     newest_two = sorted(originals, key=lambda r: r.pk)[-2:]
     assert set(result.done) == {r.pk for r in newest_two}
     assert set(Run.objects.filter(pk__in=result.created).values_list("replay_of_id", flat=True)) == {
@@ -281,11 +252,11 @@ def test_bulk_services_refuse_non_operators_and_malformed_requests(operator_user
 
     viewer = persona("viewer")
     with pytest.raises(PermissionDenied):
-        bulk.runs_bulk_apply(user=viewer, action="retry", run_ids=[])
-    with pytest.raises(bulk.BulkError):
-        bulk.runs_bulk_apply(user=operator_user, action="retry", run_ids=[], filters=RunListFilters())
-    with pytest.raises(bulk.BulkError):
-        bulk.runs_bulk_apply(user=operator_user, action="delete", run_ids=[])  # type: ignore[arg-type]
+        services.runs_bulk_apply(by=Actor.web(viewer), action="retry", run_ids=[])
+    with pytest.raises(services.BulkError):
+        services.runs_bulk_apply(by=Actor.web(operator_user), action="retry", run_ids=[], filters=RunListFilters())
+    with pytest.raises(services.BulkError):
+        services.runs_bulk_apply(by=Actor.web(operator_user), action="delete", run_ids=[])  # type: ignore[arg-type]
 
 
 def test_a_bulk_request_with_nothing_selected_says_so(operator: Client) -> None:

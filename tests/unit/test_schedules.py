@@ -10,6 +10,7 @@ from django.db.models.functions import Now
 
 from runs.models import Run, Schedule, ScheduleSource
 from runs.ops import schedules
+from runs.ops.audit import Actor
 from runs.ops.schedules import ScheduleInvalid, ScheduleOwnedByCode
 from runs.sdk import task
 from runs.sdk.registry import registry
@@ -41,7 +42,7 @@ def _make_due(schedule: Schedule, ago: timedelta = timedelta(minutes=1)) -> None
 def _invalid(**fields) -> dict:
     args = {"task_id": "u-sched-plain", "cron": "* * * * *", "timezone": "UTC", "payload": {"name": "a"}, **fields}
     with pytest.raises(ScheduleInvalid) as info:
-        schedules.schedule_create(**args)
+        schedules.schedule_create(**args, by=Actor.system("tests"))
     assert Schedule.objects.count() == 0
     return info.value.message_dict
 
@@ -86,7 +87,11 @@ def test_it_reports_every_bad_field_at_once():
 
 def test_it_creates_a_user_schedule_with_its_next_slot_in_its_timezone():
     schedule = schedules.schedule_create(
-        task_id="u-sched-plain", cron="0  9 * * 1-5", timezone="America/New_York", payload={"name": "a"}
+        task_id="u-sched-plain",
+        cron="0  9 * * 1-5",
+        timezone="America/New_York",
+        payload={"name": "a"},
+        by=Actor.system("tests"),
     )
     assert schedule.source == ScheduleSource.USER
     assert schedule.cron == "0 9 * * 1-5"  # normalised
@@ -97,15 +102,17 @@ def test_it_creates_a_user_schedule_with_its_next_slot_in_its_timezone():
 
 
 def test_it_moves_the_next_slot_when_the_cron_changes_and_clears_it_when_disabled():
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="0 0 1 1 *", payload={"name": "a"})
-    schedules.schedule_update(schedule=schedule, cron="* * * * *")
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="0 0 1 1 *", payload={"name": "a"}, by=Actor.system("tests")
+    )
+    schedules.schedule_update(schedule=schedule, cron="* * * * *", by=Actor.system("tests"))
     assert schedule.next_run_at - _db_now() <= timedelta(minutes=1)
-    schedules.schedule_update(schedule=schedule, enabled=False)
+    schedules.schedule_update(schedule=schedule, enabled=False, by=Actor.system("tests"))
     assert (schedule.enabled, schedule.next_run_at) == (False, None)
-    schedules.schedule_update(schedule=schedule, enabled=True)
+    schedules.schedule_update(schedule=schedule, enabled=True, by=Actor.system("tests"))
     assert schedule.next_run_at is not None
     with pytest.raises(ScheduleInvalid):
-        schedules.schedule_update(schedule=schedule, payload={"name": 3})
+        schedules.schedule_update(schedule=schedule, payload={"name": 3}, by=Actor.system("tests"))
     schedule.refresh_from_db()
     assert schedule.payload == {"name": "a", "count": 1}
 
@@ -114,11 +121,11 @@ def test_it_refuses_to_edit_or_delete_a_code_schedule():
     schedules.schedules_sync_from_code()
     schedule = Schedule.objects.get(task_id="u-sched-code")
     with pytest.raises(ScheduleOwnedByCode):
-        schedules.schedule_update(schedule=schedule, cron="* * * * *")
+        schedules.schedule_update(schedule=schedule, cron="* * * * *", by=Actor.system("tests"))
     with pytest.raises(ScheduleOwnedByCode):
-        schedules.schedule_delete(schedule=schedule)
-    user = schedules.schedule_create(task_id="u-sched-code", cron="* * * * *")
-    schedules.schedule_delete(schedule=user)
+        schedules.schedule_delete(schedule=schedule, by=Actor.system("tests"))
+    user = schedules.schedule_create(task_id="u-sched-code", cron="* * * * *", by=Actor.system("tests"))
+    schedules.schedule_delete(schedule=user, by=Actor.system("tests"))
     assert Schedule.objects.filter(task_id="u-sched-code").count() == 1
 
 
@@ -126,13 +133,17 @@ def test_it_refuses_to_edit_or_delete_a_code_schedule():
 
 
 def test_it_does_nothing_when_nothing_is_due(django_assert_num_queries):
-    schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
+    schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
     with django_assert_num_queries(1):  # the scheduler's idle cost: one indexed probe
         assert schedules.schedules_fire() == []
 
 
 def test_it_fires_a_due_schedule_and_advances_it_past_now():
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
     _make_due(schedule)
     slot = schedule.next_run_at
     [run] = schedules.schedules_fire()
@@ -148,7 +159,9 @@ def test_it_fires_a_due_schedule_and_advances_it_past_now():
 
 
 def test_it_fires_a_slot_once_even_if_fire_is_called_twice():
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
     _make_due(schedule)
     slot = schedule.next_run_at
     [run] = schedules.schedules_fire()
@@ -161,7 +174,9 @@ def test_it_fires_a_slot_once_even_if_fire_is_called_twice():
 
 
 def test_it_skips_missed_slots_instead_of_firing_a_burst():
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
     _make_due(schedule, ago=timedelta(hours=3))
     assert len(schedules.schedules_fire()) == 1
     assert schedules.schedules_fire() == []
@@ -170,8 +185,12 @@ def test_it_skips_missed_slots_instead_of_firing_a_burst():
 
 
 def test_it_fires_each_due_schedule():
-    first = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
-    second = schedules.schedule_create(task_id="u-sched-plain", cron="*/2 * * * *", payload={"name": "b"})
+    first = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
+    second = schedules.schedule_create(
+        task_id="u-sched-plain", cron="*/2 * * * *", payload={"name": "b"}, by=Actor.system("tests")
+    )
     _make_due(first)
     _make_due(second, ago=timedelta(minutes=2))
     runs = schedules.schedules_fire()
@@ -179,15 +198,19 @@ def test_it_fires_each_due_schedule():
 
 
 def test_a_disabled_schedule_does_not_fire():
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
-    schedules.schedule_update(schedule=schedule, enabled=False)
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
+    schedules.schedule_update(schedule=schedule, enabled=False, by=Actor.system("tests"))
     Schedule.objects.filter(pk=schedule.pk).update(next_run_at=Now() - timedelta(minutes=1))
     assert schedules.schedules_fire() == []
     assert not Run.objects.filter(task_id="u-sched-plain").exists()
 
 
 def test_a_schedule_whose_task_is_gone_records_why_and_moves_on(monkeypatch):
-    schedule = schedules.schedule_create(task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"})
+    schedule = schedules.schedule_create(
+        task_id="u-sched-plain", cron="* * * * *", payload={"name": "a"}, by=Actor.system("tests")
+    )
     _make_due(schedule)
     monkeypatch.delitem(registry._tasks, "u-sched-plain")
     assert schedules.schedules_fire() == []

@@ -31,6 +31,7 @@ from hypothesis.stateful import (
 
 from runs import engine, services
 from runs.models import Run, RunStatus, Step, Waitpoint
+from runs.ops.audit import Actor
 from runs.sdk import NonRetriableError, Retry, task
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -167,7 +168,7 @@ class RunLifecycle(RuleBasedStateMachine):
     def cancel(self, run: str) -> None:
         with engine.enqueue_to(self.sent.append):
             try:
-                services.run_cancel(run=Run.objects.get(pk=run))
+                services.run_cancel(run=Run.objects.get(pk=run), by=Actor.system("tests"))
             except services.RunStateError:
                 return
         self.cancelled_at.setdefault(run, len(LEDGER))
@@ -176,7 +177,7 @@ class RunLifecycle(RuleBasedStateMachine):
     def retry(self, run: str) -> None:
         with engine.enqueue_to(self.sent.append):
             try:
-                services.run_retry(run=Run.objects.get(pk=run))
+                services.run_retry(run=Run.objects.get(pk=run), by=Actor.system("tests"))
             except services.RunStateError:
                 return
         self.last.pop(run, None)

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from runs import engine, services
 from runs.models import Run, RunStatus, StepStatus, Waitpoint
+from runs.ops.audit import Actor
 from runs.testing import drive, run_task
 from tests.agents import ledger_lines
 
@@ -62,15 +63,19 @@ def test_an_approval_completed_by_token_resumes_with_the_answer_and_form_data():
     wp = Waitpoint.objects.get(run=run)
     assert (wp.kind, wp.prompt) == ("approval", "Refund order A-1?")
     with pytest.raises(services.WaitpointError) as invalid:
-        services.waitpoint_complete(token=wp.token, data={"approved": True, "data": {"amount": "-3"}})
+        services.waitpoint_complete(
+            token=wp.token, data={"approved": True, "data": {"amount": "-3"}}, by=Actor.system("tests")
+        )
     assert invalid.value.status == 422
     assert {tuple(d["loc"]) for d in invalid.value.details} == {("data", "data", "amount"), ("data", "data", "reason")}
     assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING  # an invalid answer loses nothing
     services.waitpoint_complete(
-        token=wp.token, data={"approved": True, "comment": "ok", "data": {"amount": "12.50", "reason": "late"}}
+        token=wp.token,
+        data={"approved": True, "comment": "ok", "data": {"amount": "12.50", "reason": "late"}},
+        by=Actor.system("tests"),
     )
     with pytest.raises(services.WaitpointError) as again:
-        services.waitpoint_complete(token=wp.token, data={"approved": False})
+        services.waitpoint_complete(token=wp.token, data={"approved": False}, by=Actor.system("tests"))
     assert again.value.status == 409
     run = drive(run)
     assert run.status == RunStatus.COMPLETED
@@ -132,7 +137,7 @@ def test_cancelling_a_parent_cancels_its_waiting_children():
     (child,) = Run.objects.filter(parent=run)
     drive_once(child)
     assert Run.objects.get(pk=child.pk).status == RunStatus.WAITING
-    services.run_cancel(run=run)
+    services.run_cancel(run=run, by=Actor.system("tests"))
     assert Run.objects.get(pk=child.pk).status == RunStatus.CANCELED
     assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELED
 

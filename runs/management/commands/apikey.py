@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from runs import services
 from runs.models import ApiKey, ApiKeyScope
+from runs.ops.audit import Actor
 
 SCOPES = [scope.value for scope in ApiKeyScope]
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -60,7 +61,7 @@ class Command(BaseCommand):
             raise CommandError("--name is too long (at most 100 characters)")
         scopes = _scopes(scope_args)
         lifetime = _duration(expires_in) if expires_in is not None else None
-        key, secret = services.apikey_create(name=name, scopes=scopes, expires_in=lifetime)
+        key, secret = services.apikey_create(name=name, scopes=scopes, expires_in=lifetime, by=Actor.cli())
         expiry = f", expires {key.expires_at:%Y-%m-%d %H:%M} UTC" if key.expires_at else ""
         # The key alone on stdout, so `KEY=$(manage.py apikey create --name ci)` works; the rest on stderr.
         self.stderr.write(
@@ -87,7 +88,7 @@ class Command(BaseCommand):
 
     def revoke_key(self, ref: str) -> None:
         key = _find(ref.strip().rstrip("…"))
-        if services.apikey_revoke(key=key):
+        if services.apikey_revoke(key=key, by=Actor.cli()):
             self.stdout.write(f"Revoked API key {key.id} {key.name!r} ({key.prefix}…).")
         else:
             self.stdout.write(f"API key {key.id} {key.name!r} ({key.prefix}…) was already revoked.")

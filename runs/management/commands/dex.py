@@ -14,7 +14,6 @@ when the run did not complete.
 
 from __future__ import annotations
 
-import getpass
 import json
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from django.utils import timezone
 
 from runs import services
 from runs.models import Event, Run, RunStatus
-from runs.ops.audit import audit_record
+from runs.ops.audit import Actor
 from runs.sdk.registry import UnknownTask, registry
 from runs.services import event_send
 
@@ -70,7 +69,7 @@ class Command(BaseCommand):
         listing.add_argument("--limit", type=int, default=20, help=f"At most this many (1-{MAX_LIMIT}).")
 
     def handle(self, *args: Any, action: str, user: str | None = None, **options: Any) -> None:
-        self.actor = _user(user)
+        self.actor = Actor.cli(_user(user))
         if action == "trigger":
             self.trigger(options)
         elif action == "runs":
@@ -78,26 +77,21 @@ class Command(BaseCommand):
         elif action == "cancel":
             run = _run(options["run_id"])
             try:
-                run = services.run_cancel(run=run)
+                run = services.run_cancel(run=run, by=self.actor)
             except services.RunStateError as exc:
                 raise CommandError(str(exc)) from None
-            self._audit("cancel", [run.pk])
             self.stdout.write(f"Cancel requested for run {run.pk} ({run.status}).")
         elif action == "retry":
             run = _run(options["run_id"])
             try:
-                run = services.run_retry(run=run)
+                run = services.run_retry(run=run, by=self.actor)
             except services.RunStateError as exc:
                 raise CommandError(str(exc)) from None
-            self._audit("retry", [run.pk])
             self.stdout.write(f"Retrying run {run.pk} from its failed step ({run.status}).")
         elif options["events_action"] == "send":
             self.send_event(options["name"], _json(options["data"], "--data"), options["id"])
         else:
             self.list_events(name=options["name"], limit=_limit(options["limit"]))
-
-    def _audit(self, action: str, run_ids: list[Any], **detail: Any) -> None:
-        audit_record(user=self.actor, action=action, run_ids=run_ids, via="cli", os_user=_os_user(), **detail)
 
     def trigger(self, options: dict[str, Any]) -> None:
         task_id = options["task"]
@@ -113,6 +107,7 @@ class Command(BaseCommand):
                 idempotency_key=options["idempotency_key"] or None,
                 tags=options["tag"],
                 delay=options["delay"],
+                by=self.actor,
             )
         except UnknownTask:
             known = ", ".join(t.id for t in registry.all()) or "none registered"
@@ -120,7 +115,6 @@ class Command(BaseCommand):
         except pydantic.ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in exc.errors())
             raise CommandError(f"invalid payload for {task_id}: {problems}") from None
-        self._audit("trigger", [run.pk], task=task_id, created=created)
         if not created:
             self.stderr.write(f"Idempotency key already used: this is the existing run ({run.status}).")
         self.stdout.write(str(run.pk))
@@ -170,10 +164,9 @@ class Command(BaseCommand):
             raise CommandError("the event name is too long (at most 200 characters)")
         if len(external_id) > Event._meta.get_field("external_id").max_length:
             raise CommandError("--id is too long (at most 255 characters)")
-        event, created = event_send(name=name, data=data, external_id=external_id)
+        event, created = event_send(name=name, data=data, external_id=external_id, by=self.actor)
         outcome = event.outcome or {}
         resumed, started = outcome.get("resumed", []), outcome.get("started", [])
-        self._audit("event_send", [*resumed, *started], event=str(event.pk), name=event.name, created=created)
         if not created:
             self.stdout.write(f"An event with id {external_id!r} was already received ({event.pk}); nothing sent.")
             return
@@ -236,10 +229,3 @@ def _user(username: str | None) -> Any:
     if user is None:
         raise CommandError(f"no user {username!r} (--user names a Django user, for the audit log)")
     return user
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (a container)
-        return ""

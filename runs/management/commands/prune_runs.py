@@ -21,6 +21,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from runs.models import TERMINAL_STATUSES
 from runs.ops import retention
+from runs.ops.audit import Actor
 
 
 class Command(BaseCommand):
@@ -55,6 +56,7 @@ class Command(BaseCommand):
             task=options["task"],
             batch_size=options["batch_size"],
             dry_run=options["dry_run"],
+            by=Actor.cli(),
         )
         counts = retention.describe(result)
         if options["dry_run"]:
