@@ -81,6 +81,10 @@ def postgres_info() -> PostmasterInfo | None:
     return info if info is not None and info.is_running() else None
 
 
+def postgres_running() -> bool:
+    return postgres_info() is not None
+
+
 def postgres_url(database: str = "dex") -> str:
     """Start (or find running) the embedded Postgres and return a URL for `database`, creating it.
 
@@ -97,6 +101,10 @@ def postgres_url(database: str = "dex") -> str:
         if postgres_info() is None:
             started.add("postgres")
         server = pgserver.get_server(_pgdata(), cleanup_mode=None)
+        if postgres_info() is None:
+            # pgserver hands back the handle it made earlier in this process, as if its server still ran: a
+            # server that died since (manage.py dev restarts it) is started again here.
+            server.ensure_postgres_running()
         info = server.get_postmaster_info()
         socket_dir = str(info.socket_dir)
         _ensure_database(socket_dir, database)
@@ -170,6 +178,10 @@ def redis_url() -> str:
             _redis_start(sock)
             started.add("redis")
     return f"unix://{sock}"
+
+
+def redis_running() -> bool:
+    return _redis_alive(redis_socket())
 
 
 def redis_pid() -> int | None:

@@ -2,20 +2,24 @@
 behind a coloured `name | ` prefix, restarts the ones that die, and stops them all, leaving no orphans.
 
 Each child runs in its own session (so a Ctrl-C in the terminal reaches only the supervisor, which decides) and
-is signalled as a process group (so a Celery worker's pool processes go with it). Single-threaded: one
-`selectors` loop reads every child's pipe and reaps and restarts children between reads.
+is signalled as a process group (so a Celery worker's pool processes go with it). On Linux every child also
+asks the kernel to kill it when the supervisor dies (PR_SET_PDEATHSIG), so a supervisor that is SIGKILLed leaves
+no child behind. Single-threaded: one `selectors` loop reads every child's pipe, reaps and restarts children,
+and checks the services it watches (`Watch`: the embedded Postgres and Redis), restarting one that died.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -27,6 +31,17 @@ COLOURS = ["36", "35", "33", "32", "34", "31", "96", "95"]  # cyan, magenta, yel
 class ChildSpec:
     name: str
     argv: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A service the supervisor did not spawn but keeps alive (an embedded server): checked every
+    `every` seconds, restarted with `restart` when `alive` says it died."""
+
+    name: str
+    alive: Callable[[], bool]
+    restart: Callable[[], object]
+    every: float = 1.0
 
 
 @dataclass
@@ -42,6 +57,18 @@ class Child:
     @property
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel SIGKILLs it when the supervisor dies, however it dies."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def describe_exit(code: int) -> str:
@@ -65,6 +92,7 @@ class Supervisor:
         specs: Sequence[ChildSpec],
         *,
         env: Mapping[str, str],
+        watches: Sequence[Watch] = (),
         cwd: Path | str,
         out: IO[str] | None = None,
         colour: bool | None = None,
@@ -74,6 +102,8 @@ class Supervisor:
         healthy_after: float = 10.0,
     ):
         self.children = [Child(spec, COLOURS[i % len(COLOURS)]) for i, spec in enumerate(specs)]
+        self.watches = list(watches)
+        self._watched_at = time.monotonic()
         self.env = dict(env)
         self.cwd = cwd
         self.out = out or sys.stdout
@@ -82,17 +112,20 @@ class Supervisor:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.healthy_after = healthy_after
-        self.width = max((len(c.spec.name) for c in self.children), default=0)
+        self.width = max(
+            (len(name) for name in [*(c.spec.name for c in self.children), *(w.name for w in watches)]), default=0
+        )
         self.selector = selectors.DefaultSelector()
         self.stop_requested = 0.0  # when a stop was first asked for; asking again skips the grace period
 
     # --- output ---------------------------------------------------------------------------------------
 
-    def say(self, child: Child, line: str, *, own: bool = False) -> None:
+    def say(self, child: Child | Watch, line: str, *, own: bool = False) -> None:
         """Print one line behind the child's prefix; `own` lines are the supervisor's, in bold."""
-        prefix = f"{child.spec.name:<{self.width}} | "
+        name = child.spec.name if isinstance(child, Child) else child.name
+        prefix = f"{name:<{self.width}} | "
         if self.colour:
-            prefix = f"\033[{child.colour}m{prefix}\033[0m"
+            prefix = f"\033[{child.colour if isinstance(child, Child) else '37'}m{prefix}\033[0m"
             if own:
                 line = f"\033[1m{line}\033[0m"
         self.out.write(prefix + line + "\n")
@@ -140,6 +173,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         assert popen.stdout is not None
         # The supervisor reads the raw descriptor, never the file object, so nothing is buffered twice.
@@ -183,13 +217,32 @@ class Supervisor:
             os.killpg(child.popen.pid, sig)
 
     def check(self) -> None:
-        """Reap children that exited and restart those whose back-off has passed."""
+        """Reap children that exited and restart those whose back-off has passed; restart a watched service
+        that died."""
         now = time.monotonic()
+        if self.watches and now - self._watched_at >= min(w.every for w in self.watches):
+            self._watched_at = now
+            for watch in self.watches:
+                self._keep_alive(watch)
         for child in self.children:
             if child.popen is not None and child.popen.poll() is not None:
                 self._reap(child)
             elif child.popen is None and child.restart_at is not None and now >= child.restart_at:
                 self._spawn(child)
+
+    def _keep_alive(self, watch: Watch) -> None:
+        try:
+            if watch.alive():
+                return
+        except Exception:  # a check that can't tell is no reason to restart a server
+            return
+        self.say(watch, "died; restarting it", own=True)
+        try:
+            watch.restart()
+        except Exception as exc:
+            self.say(watch, f"could not restart: {exc}; trying again", own=True)
+        else:
+            self.say(watch, "restarted", own=True)
 
     def request_stop(self, signum: int | None = None, frame: object = None) -> None:
         now = time.monotonic()

@@ -1,6 +1,8 @@
 """`manage.py dev` end to end: a real `manage.py dev` with its own data directory, so it starts (and must stop)
 its own embedded Postgres and Redis. One dev process serves the module's tests, in order: it serves the login
-page and prints the dev login, a killed worker is restarted, and Ctrl-C leaves nothing running."""
+page and prints the dev login, a killed worker is restarted, an embedded Redis or Postgres that dies is started
+again, and Ctrl-C leaves nothing running. A second one, on the same data directory, is SIGKILLed: its children
+must not outlive it."""
 
 from __future__ import annotations
 
@@ -57,9 +59,7 @@ class Dev:
         return int(match.group(1)), match.end()
 
 
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
-    data_dir = tmp_path_factory.mktemp("dexdev")
+def dev_env(data_dir: Path) -> dict[str, str]:
     # Its own data directory and nothing of this test session's servers: it starts its own embedded ones.
     env = {
         k: v
@@ -67,19 +67,38 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
         if k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "XDG_RUNTIME_DIR", "DEX_TEST_DATABASE")
     }
     env.update(DEX_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", NO_COLOR="1")
+    return env
+
+
+def dev_start(data_dir: Path, log_name: str = "dev.log") -> Dev:
     port = free_port()
-    log_path = data_dir / "dev.log"
+    log_path = data_dir / log_name
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             [sys.executable, "manage.py", "dev", "--port", str(port), "--workers", "1"],
             cwd=ROOT,
-            env=env,
+            env=dev_env(data_dir),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    dev = Dev(popen, port, data_dir, log_path)
+    return Dev(popen, port, data_dir, log_path)
+
+
+def embedded_stop(data_dir: Path) -> None:
+    """Leave no embedded server of this data directory running."""
+    if (data_dir / "pg" / "postmaster.pid").exists() or (data_dir / "redis" / "redis.sock").exists():
+        subprocess.run(
+            [sys.executable, "manage.py", "embedded", "stop"], cwd=ROOT, env=dev_env(data_dir), capture_output=True
+        )
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
+    data_dir = tmp_path_factory.mktemp("dexdev")
+    dev = dev_start(data_dir)
+    popen = dev.popen
     try:
         yield dev
     finally:
@@ -91,9 +110,7 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dev]:
             except subprocess.TimeoutExpired:
                 for proc in tree:
                     proc.kill()
-        # Whatever happened, leave no embedded server of this data directory running.
-        if (data_dir / "pg" / "postmaster.pid").exists() or (data_dir / "redis" / "redis.sock").exists():
-            subprocess.run([sys.executable, "manage.py", "embedded", "stop"], cwd=ROOT, env=env, capture_output=True)
+        embedded_stop(data_dir)  # whatever happened
 
 
 def http_status(url: str) -> int | None:
@@ -131,6 +148,25 @@ def test_it_restarts_the_worker_when_it_is_killed(dev: Dev):
     assert psutil.Process(new_pid).is_running()
 
 
+def test_it_restarts_an_embedded_redis_or_postgres_that_dies(dev: Dev):
+    url = f"http://127.0.0.1:{dev.port}/login/"
+    wait_for(lambda: http_status(url) == 200, timeout=60, interval=0.2, what=f"200 from {url}")
+    redis_pid = int((dev.data_dir / "redis" / "redis.pid").read_text().strip())
+    offset = len(dev.log())
+    os.kill(redis_pid, signal.SIGKILL)
+    dev.wait_for_log(r"^redis +\| died; restarting it$", after=offset)
+    dev.wait_for_log(r"^redis +\| restarted$", after=offset)
+    assert int((dev.data_dir / "redis" / "redis.pid").read_text().strip()) != redis_pid
+
+    postgres_pid = int((dev.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    offset = len(dev.log())
+    os.kill(postgres_pid, signal.SIGKILL)
+    dev.wait_for_log(r"^postgres +\| died; restarting it$", after=offset)
+    dev.wait_for_log(r"^postgres +\| restarted$", after=offset)
+    # The web process reconnects to the new server: the login page (a session read) is served again.
+    wait_for(lambda: http_status(url) == 200, timeout=60, interval=0.2, what="the dashboard after the restarts")
+
+
 def test_it_stops_everything_on_ctrl_c(dev: Dev):
     for name in ("web", "worker", "scheduler"):
         dev.child_pid(name)
@@ -147,3 +183,23 @@ def test_it_stops_everything_on_ctrl_c(dev: Dev):
     assert not left, f"still running after Ctrl-C: {left}"
     assert "stopped the embedded redis" in dev.log()
     assert "stopped the embedded postgres" in dev.log()
+
+
+def test_its_children_do_not_outlive_it_when_it_is_sigkilled(dev: Dev):
+    """A `manage.py dev` that is SIGKILLed can't stop its children: the kernel does (PR_SET_PDEATHSIG)."""
+    assert dev.popen.poll() is not None  # the module's dev was stopped by the test above; reuse its data
+    killed = dev_start(dev.data_dir, "killed-dev.log")
+    try:
+        for name in ("web", "worker", "scheduler"):
+            killed.child_pid(name)
+        killed.wait_for_log(r"^worker +\| .*ready\.$")
+        children = psutil.Process(killed.popen.pid).children(recursive=True)
+        assert len(children) >= 4  # web, worker (+ its pool), scheduler, llm
+
+        killed.popen.kill()
+        killed.popen.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=15)
+        left = [p for p in alive if still_running(p)]
+        assert not left, f"still running after manage.py dev was SIGKILLed: {left}"
+    finally:
+        embedded_stop(dev.data_dir)

@@ -6,11 +6,12 @@
    password is generated once and kept in `<data dir>/dev-login.txt` (put in every group there is); print it.
 3. Start the children of `children()` — web (daphne), worker (Celery, serving the default queue and every
    queue a registered task names), scheduler, and, when no LLM provider is configured, the local LLM server
-   (`llm_server`, on 8090 or else a free port) — each in its own session, with the resolved DATABASE_URL,
+   (`llm_server`, on a free port) — each in its own session, with the resolved DATABASE_URL,
    REDIS_URL and CELERY_BROKER_URL (and DEX_LLM_PROVIDERS pointing at that local server) in its
    environment, and print the URL.
 4. Supervise (dexweb/supervisor.py): every line a child writes is printed as `name | line`; a child that
-   dies is restarted after a back-off that doubles while it keeps dying young.
+   dies is restarted after a back-off that doubles while it keeps dying young; an embedded Postgres or Redis
+   that dies is started again (and says so); every child dies with this process, even a SIGKILLed one.
 5. On Ctrl-C or SIGTERM: SIGTERM each child's process group, SIGKILL the groups still there after the grace
    period (a second Ctrl-C skips it), then stop the embedded servers this process started — ones that were
    already running are left running.
@@ -34,12 +35,11 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from dexweb import embedded
-from dexweb.supervisor import ChildSpec, Supervisor
+from dexweb.supervisor import ChildSpec, Supervisor, Watch
 from runs.ai.providers import real_provider_configured
 from runs.sdk.registry import registry
 
 DEV_USERNAME = "admin"
-LLM_PORT = 8090
 
 
 def children(*, port: int, workers: int, queues: list[str], llm_port: int | None = None) -> list[ChildSpec]:
@@ -77,10 +77,20 @@ def child_env(*, llm_port: int | None = None) -> dict[str, str]:
 
 
 def llm_port_pick() -> int | None:
-    """Where the local LLM server should listen, or None when a real provider is configured."""
+    """Where the local LLM server should listen (a free port), or None when a real provider is configured."""
     if real_provider_configured():
         return None
-    return LLM_PORT if port_free(LLM_PORT) else free_port()
+    return free_port()
+
+
+def embedded_watches() -> list[Watch]:
+    """The embedded servers this session runs on (none when DATABASE_URL / REDIS_URL name real ones)."""
+    watches = []
+    if not os.environ.get("DATABASE_URL"):
+        watches.append(Watch("postgres", embedded.postgres_running, embedded.postgres_url))
+    if not os.environ.get("REDIS_URL"):
+        watches.append(Watch("redis", embedded.redis_running, embedded.redis_url))
+    return watches
 
 
 def free_port() -> int:
@@ -148,7 +158,9 @@ class Command(BaseCommand):
 
         llm_port = llm_port_pick()
         specs = children(port=port, workers=workers, queues=task_queues(), llm_port=llm_port)
-        supervisor = Supervisor(specs, env=child_env(llm_port=llm_port), cwd=settings.BASE_DIR)
+        supervisor = Supervisor(
+            specs, env=child_env(llm_port=llm_port), cwd=settings.BASE_DIR, watches=embedded_watches()
+        )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, supervisor.request_stop)
         self.stdout.write(f"Agents: {', '.join(t.id for t in registry.all()) or 'none registered'}")
