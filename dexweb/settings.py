@@ -268,10 +268,22 @@ CELERY_ACCEPT_CONTENT = ["json"]
 
 # A worker renews its lease every third of this; a worker that dies is replaced within about this long.
 DEX_LEASE_SECONDS = env_float("DEX_LEASE_SECONDS", 15.0)
-# How often the scheduler scans for due work when idle.
+# The scheduler sleeps until the next due time (a wake-up, a lease expiry, a cron slot) or a notice that one
+# came nearer, but at most this long: a worker whose process died is noticed within it (its Postgres session
+# is gone), so its run resumes within about a second instead of at the lease's expiry.
 DEX_SCHEDULER_TICK_SECONDS = env_float("DEX_SCHEDULER_TICK_SECONDS", 1.0)
+# "transaction" behind a transaction-mode pooler (PgBouncer): no server-side prepared statements and no
+# detection of a dead worker by its Postgres session (the lease's expiry still recovers its runs).
+DEX_DB_POOLER = env_choice("DEX_DB_POOLER", ("none", "transaction"), "none")
+# The version a run records for the code executing it (ctx.patched); else the git revision, else a source hash.
+DEX_CODE_VERSION = env_str("DEX_CODE_VERSION").strip()
+# Events older than this are deleted by the scheduler's retention (a wait's window can't reach further back).
+DEX_EVENT_RETENTION_SECONDS = env_float("DEX_EVENT_RETENTION_SECONDS", 7 * 24 * 3600)
 # A queued run with no claim this long is re-sent to the broker (its wake-up message was lost).
 DEX_REQUEUE_STALE_SECONDS = env_float("DEX_REQUEUE_STALE_SECONDS", 60.0)
+# A step running this long is recorded as in flight by the heartbeat, so a worker dying under it shows that
+# attempt as lost ("worker lost") when the step runs again. Shorter steps are not recorded (a write per step).
+DEX_INFLIGHT_AFTER_SECONDS = env_float("DEX_INFLIGHT_AFTER_SECONDS", 1.0)
 # A run whose worker died this many times is dead-lettered (failed) instead of re-queued again.
 DEX_MAX_RECOVERIES = env_int("DEX_MAX_RECOVERIES", 5)
 DEX_MAX_PAYLOAD_BYTES = env_int("DEX_MAX_PAYLOAD_BYTES", 1024 * 1024)
@@ -287,6 +299,13 @@ CELERY_TASK_DEFAULT_QUEUE = DEX_DEFAULT_QUEUE
 # Redis hands an unacked message out again after the visibility timeout: keep it far above the lease so
 # the broker never redelivers a message whose run is still being worked on (the lease fences it anyway).
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": max(3600, int(DEX_LEASE_SECONDS * 20))}
+# A worker takes a message only when a process is free to start it (Redis): a worker that dies holds no
+# wake-ups it had not started (RabbitMQ hands a dead consumer's unacked messages out again by itself).
+CELERY_WORKER_DISABLE_PREFETCH = CELERY_BROKER_URL.split(":", 1)[0].startswith("redis")
+# RabbitMQ serves priorities only on queues declared with x-max-priority: Celery declares them so (a queue
+# declared earlier without it must be deleted once). Redis (kombu) needs nothing: it keeps a list per priority.
+if CELERY_BROKER_URL.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
+    CELERY_TASK_QUEUE_MAX_PRIORITY = 10
 # The project's agents folder, loaded as the package `dex_agents` (runs/sdk/registry.py).
 DEX_AGENTS_DIR = Path(env_str("DEX_AGENTS_DIR") or BASE_DIR / "agents")
 DEX_AGENT_MODULES = [m.strip() for m in env_str("DEX_AGENT_MODULES").split(",") if m.strip()]

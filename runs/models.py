@@ -61,6 +61,9 @@ class Run(models.Model):
     wake_at = models.DateTimeField(null=True, blank=True)
     # When the run was last handed to the broker: the scheduler re-sends stale ones (lost wake-ups).
     enqueued_at = models.DateTimeField(null=True, blank=True)
+    # Re-sends since the run was last claimed: each waits twice as long as the one before, so a long queue
+    # (whose runs are unclaimed only because they wait their turn) isn't flooded with duplicate wake-ups.
+    resends = models.SmallIntegerField(default=0)
 
     # The lease (ENGINE.md): one owner at a time; the token fences writes of an owner that lost it.
     lease_owner = models.CharField(max_length=200, blank=True, default="")
@@ -79,6 +82,18 @@ class Run(models.Model):
     saved_usd = models.DecimalField(max_digits=18, decimal_places=8, default=0)
     # An approved "budget exceeded — continue?" raises the run's own cap above the task's budget_usd.
     budget_usd = models.DecimalField(max_digits=18, decimal_places=8, null=True, blank=True)
+
+    # The code the run started on (DEX_CODE_VERSION, else the deploy's git revision, else a hash of the task's
+    # source), and the version of every execution: [{"execution", "version", "at"}] (ctx.patched, DESIGN §2).
+    code_version = models.CharField(max_length=100, blank=True, default="")
+    execution_versions = models.JSONField(default=list, blank=True)
+    # The Postgres backend of the worker process that holds the lease: when that session is gone the worker
+    # died, and the scheduler recovers the run at once instead of waiting for the lease to expire. NULL behind
+    # a transaction-mode pooler, where a backend is not a process's own (DEX_DB_POOLER).
+    lease_backend_pid = models.IntegerField(null=True, blank=True)
+    # The step the worker is executing ({"key", "seq", "attempt", "started_at"}), recorded by the heartbeat:
+    # a worker that dies under it shows that attempt as lost ("worker lost") when the step runs again.
+    inflight = models.JSONField(null=True, blank=True)
 
     # Flow control (runs/engine/flow.py), resolved at trigger time from the task's options and the payload: the
     # concurrency / rate-limit / debounce key of the run; NULL when the task had no such limit ("" = no key).
@@ -139,6 +154,8 @@ class Run(models.Model):
                 name="run_debounce_idx",
                 condition=Q(debounce_key_value__isnull=False, status="delayed"),
             ),
+            # The run list's version filter.
+            models.Index(fields=["code_version", "-id"], name="run_version_idx", condition=~Q(code_version="")),
             # engine.scheduler_tick: rate-limited queued runs whose window opened (flow.claim_next set wake_at).
             models.Index(fields=["wake_at"], name="run_throttled_idx", condition=Q(status="queued")),
             # retention.runs_prune: finished runs, oldest first.
@@ -180,6 +197,8 @@ class StepKind(models.TextChoices):
     MAP = "map", "Fan-out"
     AI = "ai", "LLM call"
     COMPENSATE = "compensate", "Compensation"
+    # ctx.patched: a marker that this run reached the patch under code that has it (no function runs).
+    PATCH = "patch", "Patch"
 
 
 class StepStatus(models.TextChoices):
@@ -241,10 +260,18 @@ class LogLine(models.Model):
     ts = models.DateTimeField()
     level = models.CharField(max_length=10, default="INFO")
     message = models.TextField()
+    # A line of agent code outside steps: "<seq>.<n>", the n-th line logged before step number seq. Code re-runs
+    # on every execution of the run; this makes its lines count once per run (engine.context).
+    origin = models.CharField(max_length=40, null=True, blank=True)  # noqa: DJ001
 
     class Meta:
         ordering = ["run", "id"]
         indexes = [models.Index(fields=["run", "id"], name="logline_run_idx")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["run", "origin"], name="logline_origin_uniq", condition=Q(origin__isnull=False)
+            )
+        ]
 
     def __str__(self) -> str:
         return f"[{self.level}] {self.message[:80]}"
@@ -374,7 +401,11 @@ class Event(models.Model):
                 fields=["external_id"], condition=~Q(external_id=""), name="event_external_id_uniq"
             ),
         ]
-        indexes = [models.Index(fields=["name", "-id"], name="event_name_idx")]
+        indexes = [
+            models.Index(fields=["name", "-id"], name="event_name_idx"),
+            # engine.waits: an event that arrived before its wait began, by containment of the wait's `match`.
+            GinIndex(fields=["data"], name="event_data_idx", opclasses=["jsonb_path_ops"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.id})"
@@ -396,6 +427,12 @@ class Waitpoint(models.Model):
     event_name = models.CharField(max_length=200, blank=True, default="")
     # The event's data must contain this (jsonb containment: data @> match).
     match = models.JSONField(default=dict, blank=True)
+    # `match` as canonical JSON when it is flat (at most a few top-level keys with scalar values): an event
+    # then finds its waits by index probes on (event_name, match_key) — engine.waits.match_keys. NULL otherwise.
+    match_key = models.TextField(null=True, blank=True)  # noqa: DJ001
+    # Events received from this moment on count for the wait (the run's creation, or the wait's start minus
+    # its `lookback`): an event sent before the wait began is not lost (DESIGN §3).
+    events_after = models.DateTimeField(null=True, blank=True)
     prompt = models.TextField(blank=True, default="")
     # Dotted path of the Django Form class validating an approval's data.
     form = models.CharField(max_length=300, blank=True, default="")
@@ -411,13 +448,25 @@ class Waitpoint(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        constraints = [models.UniqueConstraint(fields=["run", "step_key"], name="waitpoint_run_step_uniq")]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step_key"], name="waitpoint_run_step_uniq"),
+            # Each event is consumed at most once per run.
+            models.UniqueConstraint(
+                fields=["run", "event"], name="waitpoint_run_event_uniq", condition=Q(event__isnull=False)
+            ),
+        ]
         indexes = [
-            # services.event_send: the open waits for an event name.
+            # engine.waits.event_deliver: the open flat waits for an event, found by probes of its match keys.
+            models.Index(
+                fields=["event_name", "match_key"],
+                name="waitpoint_open_match_idx",
+                condition=Q(completed_at__isnull=True, kind="event", match_key__isnull=False),
+            ),
+            # engine.waits.event_deliver: the open waits whose match is not flat (scanned with @>).
             models.Index(
                 fields=["event_name"],
                 name="waitpoint_open_event_idx",
-                condition=Q(completed_at__isnull=True, kind="event"),
+                condition=Q(completed_at__isnull=True, kind="event", match_key__isnull=True),
             ),
             # The approvals page: pending approvals, oldest first.
             models.Index(fields=["created_at"], name="waitpoint_open_idx", condition=Q(completed_at__isnull=True)),

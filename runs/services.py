@@ -67,7 +67,7 @@ def run_trigger(
     stored = payload if validated else task.validate_payload(payload)
     if isinstance(delay, timedelta):
         delay = delay.total_seconds()
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         run, created = engine.run_create(
             task=task,
             payload=stored,
@@ -424,7 +424,7 @@ def event_send(*, name: str, data: Any = None, external_id: str = "", by: Actor 
     already received returns the first event and does nothing else. Returns (event, created).
 
     An event sent by a person (`by`: dashboard, CLI) is audited; the API's are the product's traffic."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         event, created = engine.event_deliver(name=name, data=data, external_id=external_id)
         if by is not None:
             outcome = event.outcome or {}

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
-from django.utils import timezone
-
 from runs import engine
 from runs.models import TERMINAL_STATUSES, Run, RunStatus
 from runs.sdk import Task
@@ -28,16 +25,12 @@ class RunDidNotFinish(AssertionError):
     pass
 
 
-def run_task(task: Task | str, payload: dict | None = None, *, max_executions: int = 1000, **fields: Any) -> Run:
-    """Create a run of `task` and execute it in this process until it finishes; return the run."""
+def run_task(task: Task | str, payload: dict | None = None, *, max_executions: int = 1000, **options: Any) -> Run:
+    """Create a run of `task` (as a trigger would: `options` are run_create's, e.g. `tags=`) and execute it in
+    this process until it finishes; return the run."""
     task = registry.get(task) if isinstance(task, str) else task
-    run = Run.objects.create(
-        task_id=task.id,
-        payload=task.validate_payload(payload),
-        queue=task.queue or settings.DEX_DEFAULT_QUEUE,
-        enqueued_at=timezone.now(),
-        **fields,
-    )
+    with engine.enqueue_to(lambda run_id: None):
+        run, _ = engine.run_create(task=task, payload=task.validate_payload(payload), **options)
     return drive(run, max_executions=max_executions)
 
 

@@ -146,6 +146,15 @@ def sleeper(ctx, ledger: str, seconds: float = 2.0) -> str:
     return "rested"
 
 
+@task("t-logs-between")
+def logs_between(ctx, ledger: str) -> str:
+    ctx.log.info("before the nap")
+    ctx.step("before", _ledgered, ledger, "before", 1)
+    ctx.sleep("nap", 60)
+    ctx.log.info("after it")
+    return ctx.step("after", _ledgered, ledger, "after", 2)
+
+
 @task("t-wait-event")
 def wait_event(ctx, topic: str, timeout: float | None = None) -> dict:
     verdict = ctx.wait_for_event("review", event="report.reviewed", match={"topic": topic}, timeout=timeout)

@@ -22,6 +22,7 @@ import pytest
 from django.conf import settings
 
 import tests.agents  # noqa: F401  (registers the test tasks in this process)
+import tests.guarantee_agents  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION = uuid.uuid4().hex[:8]
@@ -79,7 +80,7 @@ def dex_env(django_db_setup: None, django_db_blocker: Any) -> dict[str, str]:
         "DEX_LEASE_SECONDS": "2",
         "DEX_SCHEDULER_TICK_SECONDS": "0.1",
         "DEX_REQUEUE_STALE_SECONDS": "5",
-        "DEX_AGENT_MODULES": "tests.agents",
+        "DEX_AGENT_MODULES": "tests.agents,tests.guarantee_agents",
         "DEX_CONN_MAX_AGE": "0",
         "PYTHONUNBUFFERED": "1",
     }
@@ -183,6 +184,15 @@ class Processes:
     def stop_all(self) -> None:
         for proc in self.procs:
             proc.stop()
+        self.purge()
+
+    def purge(self) -> None:
+        """Drop the wake-ups a test leaves in the broker (duplicates its runs no longer need): the next test's
+        worker must not work through them before reaching its own."""
+        from dexweb.celery import app
+
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(self.env["DEX_DEFAULT_QUEUE"])
 
 
 @pytest.fixture

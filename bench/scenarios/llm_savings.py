@@ -38,9 +38,9 @@ def run(env: BenchEnv) -> dict:
     from django.conf import settings
 
     from runs import services
-    from runs.ops.audit import Actor
     from runs.ai.testserver import serve_in_thread
     from runs.models import Run, RunStatus, StepKind
+    from runs.ops.audit import Actor
     from runs.testing import drive, run_task
 
     started = time.monotonic()

@@ -206,9 +206,7 @@ class AIContext:
                     "cost_usd": cost,
                 },
             )
-        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage})
-        ctx._pending_cost = cost
-        ctx._cost_usd += cost
+        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage}, cost=cost)
         return Completion.from_dict(output)
 
     def run_tools(
@@ -264,8 +262,7 @@ class AIContext:
             "request_hash": hit.request_hash,
             "attempts": [],
         }
-        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage})
-        ctx._pending_saved = hit.cost_usd
+        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage}, saved=hit.cost_usd)
         return Completion.from_dict(output)
 
     # -- budget ----------------------------------------------------------------------------------------

@@ -1,4 +1,14 @@
-"""`ctx`: the run context a task receives (DESIGN.md §2), replaying recorded steps and running new ones."""
+"""`ctx`: the run context a task receives (DESIGN.md §2), replaying recorded steps and running new ones.
+
+The rules it keeps (DESIGN §3):
+- A step's result is committed before `ctx.step` returns, in one fenced statement (the step row, the buffered
+  log lines and metadata, the LLM spend): no agent code runs between a step's return and its commit.
+- Once the run stops here — it parked, lost its lease, was cancelled or timed out — every later `ctx.*` call
+  raises the same signal before doing anything: the agent's `finally:` blocks and context managers run as the
+  stack unwinds, but no step runs without the lease and nothing is recorded.
+- Agent code outside steps re-runs on every execution; its log lines are stored once per run.
+The pauses (sleep, waits, child runs, patches) are in pauses.py.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +23,39 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from django.db import transaction
 
 from runs import offload, realtime
 from runs.engine.codec import encode_output, json_default, now
-from runs.engine.create import child_idempotency_key, run_create
 from runs.engine.errors import LeaseLost, Parked, RunTimedOut, StepFailedForGood, StepOutputError, error_info
 from runs.engine.hooks import ai_for
 from runs.engine.lease import Buffer, Claim, StepRecord, fenced_write
-from runs.engine.settle import run_park
-from runs.engine.waits import waitpoint_outcome
-from runs.models import TERMINAL_STATUSES, Run, RunStatus, StepKind, StepStatus
+from runs.engine.pauses import Pauses
+from runs.engine.plan import NO_RETRY, StepPlan, step_row
+from runs.models import StepKind, StepStatus
 from runs.redact import redact
-from runs.sdk import Cancelled, ChildRunFailed, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
-from runs.sdk.registry import registry
+from runs.sdk import Cancelled, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
 
 log = logging.getLogger(__name__)
 
-# --- the run context ------------------------------------------------------------------------------------------
+# The signals that stop a run's code where it stands; once one is raised, every ctx call raises it again.
+STOPS = (Parked, LeaseLost, Cancelled, RunTimedOut)
+
+# A step's output in a live event is cut to this many characters (the step inspector loads the rest).
+OUTPUT_PREVIEW_CHARS = 2048
 
 current_scope: contextvars.ContextVar[tuple[RunContext, str] | None] = contextvars.ContextVar("dex_scope", default=None)
+
+
+def current_run_context() -> RunContext | None:
+    """The run context executing on this thread (or task), if any: for integrations that wrap a framework
+    (runs.integrations) and must turn its calls into steps of the current run."""
+    scope = current_scope.get()
+    return scope[0] if scope is not None else None
 
 
 class _CaptureHandler(logging.Handler):
@@ -68,21 +86,7 @@ def install_log_capture() -> None:
         _capture_installed = True
 
 
-@dataclass
-class StepPlan:
-    key: str
-    seq: int
-    kind: str
-    attempt: int
-    budget_used: int
-    retry: Retry
-    timeout: float | None
-    started: datetime = field(default_factory=now)
-    memoized: bool = False
-    output: Any = None
-
-
-class RunContext:
+class RunContext(Pauses):
     """The `ctx` a task receives. See DESIGN.md §2 for the contract."""
 
     def __init__(self, *, claim: Claim, task: Task, steps: list[StepRecord]):
@@ -95,21 +99,25 @@ class RunContext:
         self._cancel_requested = claim.cancel_requested
         self._lease_lost = False
         self._timed_out = False
+        # The signal this execution stopped with (a park, a lost lease, a cancel, a timeout): see STOPS.
+        self._stop: BaseException | None = None
         self._step_attempt: int | None = None
-        # A finished step whose commit waits for the next boundary (the next step, a park or the settle),
-        # so the last step and the run's end share one commit. Only the task's own code, which must be
-        # deterministic and free of side effects, runs in between; a crash there re-runs that one step.
-        self._pending: tuple[dict, dict] | None = None
-        self._pending_cost: Decimal | None = None  # an LLM step's spend, committed with its row
+        # The step executing now, for the heartbeat to record ({"key", "seq", "attempt", "started_at"}).
+        self.inflight: dict | None = None
         # LLM spend not paid again (memoised LLM steps replayed after a failure, cache hits), not yet written.
-        self._pending_saved = Decimal(0)
+        self._unwritten_saved = Decimal(0)
         # This execution resumes a run after a failed attempt (a step retry, or a retry from the dashboard):
         # replaying its LLM steps is spending a naive re-run would have paid again.
         self._after_failure = any(rec.status == StepStatus.RETRYING for rec in steps)
         # LLM spend of this run so far (recorded + this execution's), for budget caps and "saved" figures.
         self._cost_usd: Decimal = claim.cost_usd or Decimal(0)
+        self._completed = sum(rec.status == StepStatus.COMPLETED for rec in steps)
         # Undo actions of completed steps (compensate=), run newest-first if the run fails for good.
         self._compensations: list[tuple[str, Callable[..., Any], Any]] = []
+        # ctx.patched answers, per patch id, for the rest of this execution.
+        self._patches: dict[str, bool] = {}
+        # Where the next line logged outside steps stands: (before step number, n-th line there).
+        self._line_position = (-1, 0)
         self.log = logging.getLogger(f"dex.run.{task.id}")
         self.log.setLevel(logging.DEBUG)
         self.ai = ai_for(self)
@@ -133,21 +141,56 @@ class RunContext:
         """True once the run was cancelled, timed out or lost its lease: wrap up, no further step starts."""
         return self._cancel_requested or self._lease_lost or self._timed_out
 
+    @property
+    def code_version(self) -> str:
+        """The version of the code the run started on (DESIGN §2)."""
+        return self._claim.code_version
+
+    @property
+    def _replaying(self) -> bool:
+        """The code is re-running through steps an earlier execution recorded."""
+        return self._seq < len(self._recorded)
+
+    # -- stopping ----------------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        """At the top of every ctx call: a run that stopped here executes and records nothing more."""
+        if self._stop is not None:
+            raise type(self._stop)()
+
+    def _halt(self, stop: BaseException) -> NoReturn:
+        self._stop = stop
+        if isinstance(stop, LeaseLost):
+            self._lease_lost = True
+        raise stop
+
     # -- metadata and logs -------------------------------------------------------------------------------
     def set_metadata(self, key: str, value: Any) -> None:
         """Live progress: pushed at once, stored with the next write (a step's commit or a heartbeat)."""
+        self._guard()
         json.dumps(value, default=json_default)  # fail here, in the caller's code, if it can't be stored
         with self._buffer.lock:
             self._buffer.metadata[key] = value
         realtime.publish_now(realtime.RunEvent("metadata", self.run_id, {"key": key, "value": value}))
 
     def _add_log(self, step_key: str, level: str, message: str) -> None:
+        if self._stop is not None:
+            return  # unwinding after the run stopped: nothing is recorded
+        origin = None
+        if not step_key:
+            # Agent code outside steps runs again on every execution: a line logged while re-running through
+            # recorded steps was stored the first time, and the origin makes the rest count once too.
+            if self._replaying:
+                return
+            seq, n = self._line_position
+            self._line_position = (self._seq, n + 1 if seq == self._seq else 1)
+            origin = f"{self._seq}.{self._line_position[1]}"
         # Redacted before it is stored or pushed: steps log requests, and requests carry keys.
         line = {
             "step_key": step_key,
             "ts": now().isoformat(),
             "level": level,
             "message": redact(message[:20200])[:20000],
+            "origin": origin,
         }
         with self._buffer.lock:
             self._buffer.logs.append(line)
@@ -170,12 +213,13 @@ class RunContext:
 
     def _check_boundary(self) -> None:
         if self._lease_lost:
-            raise LeaseLost()
+            self._halt(LeaseLost())
         if self._cancel_requested:
-            raise Cancelled()
+            self._halt(Cancelled())
         remaining = self._remaining()
         if self._timed_out or (remaining is not None and remaining <= 0):
-            raise RunTimedOut()
+            self._timed_out = True
+            self._halt(RunTimedOut())
 
     def _unique_key(self, key: str) -> str:
         if not isinstance(key, str) or not key:
@@ -185,21 +229,26 @@ class RunContext:
         return key if n == 0 else f"{key}#{n}"
 
     def _next_recorded(self, key: str) -> StepRecord | None:
-        if self._seq < len(self._recorded):
+        while self._seq < len(self._recorded):
             rec = self._recorded[self._seq]
-            if rec.key != key:
-                raise NonDeterminismError(
-                    f"step #{self._seq + 1} was recorded as {rec.key!r}, but the code now asks for {key!r}: "
-                    "the task's steps must come in the same order on every execution"
-                )
-            return rec
+            if rec.key == key:
+                return rec
+            if rec.kind == StepKind.PATCH:
+                self._seq += 1  # a patch the code no longer asks about: nothing to replay
+                continue
+            raise NonDeterminismError(
+                f"step #{self._seq + 1} was recorded as {rec.key!r}, but the code now asks for {key!r}: a task's "
+                "steps must come in the same order on every execution. If the task's code changed while this run "
+                'was in flight, guard the change with `if ctx.patched("<change id>"): <new code> else: <old '
+                "code>`, so runs recorded before it keep their old path (README: Versions)."
+            )
         return None
 
     # -- steps -------------------------------------------------------------------------------------------
     def _step_begin(self, key: str, *, kind: str, retry: Retry | None, timeout: float | timedelta | None) -> StepPlan:
+        self._guard()
         key = self._unique_key(key)
         rec = self._next_recorded(key)
-        self._flush_pending()
         self._check_boundary()
         if rec is not None and rec.status == StepStatus.FAILED:
             # Failed for good in an earlier execution that died before the run settled (while compensating):
@@ -209,17 +258,9 @@ class RunContext:
         if rec is not None and rec.status == StepStatus.COMPLETED:
             self._seq += 1
             if rec.kind == StepKind.AI and self._after_failure:
-                self._pending_saved += Decimal(str((rec.meta.get("usage") or {}).get("cost_usd") or 0))
+                self._unwritten_saved += Decimal(str((rec.meta.get("usage") or {}).get("cost_usd") or 0))
             return StepPlan(
-                key,
-                rec.seq,
-                kind,
-                rec.attempts,
-                rec.budget_used,
-                NO_RETRY_PLAN,
-                None,
-                memoized=True,
-                output=rec.output,
+                key, rec.seq, kind, rec.attempts, rec.budget_used, NO_RETRY, None, memoized=True, output=rec.output
             )
         if isinstance(timeout, timedelta):
             timeout = timeout.total_seconds()
@@ -232,9 +273,25 @@ class RunContext:
             retry=retry or self._task.retry,
             timeout=timeout if timeout is not None else self._task.timeout,
         )
-        realtime.publish_now(
-            realtime.RunEvent("step", self.run_id, {"key": key, "status": "running", "attempt": plan.attempt})
-        )
+        lost = self._claim.inflight
+        if lost and lost.get("key") == key and lost.get("seq") == plan.seq and lost.get("attempt") == plan.attempt:
+            # The heartbeat saw this very attempt running, and it never ended: its worker died under it.
+            plan.lost.append(
+                {
+                    "attempt": plan.attempt,
+                    "started_at": lost.get("started_at"),
+                    "finished_at": None,
+                    "error": {
+                        "type": "WorkerLost",
+                        "message": "the worker executing this attempt died (killed, out of memory or its machine "
+                        "lost); the step ran again",
+                        "traceback": "",
+                    },
+                }
+            )
+            plan.attempt += 1
+        self.inflight = {"key": key, "seq": plan.seq, "attempt": plan.attempt, "started_at": plan.started.isoformat()}
+        self._publish_step(plan, "running")
         return plan
 
     def _effective_timeout(self, plan: StepPlan) -> tuple[float | None, bool]:
@@ -244,54 +301,63 @@ class RunContext:
             return max(remaining, 0.001), True
         return plan.timeout, False
 
-    def _step_succeeded(self, plan: StepPlan, value: Any, *, meta: dict | None = None) -> Any:
+    def _step_succeeded(
+        self,
+        plan: StepPlan,
+        value: Any,
+        *,
+        meta: dict | None = None,
+        cost: Decimal | None = None,
+        saved: Decimal | None = None,
+        publish: bool = True,
+    ) -> Any:
+        """Commit the step's result now (durable return) and return what a replay would return."""
         try:
-            text = encode_output(value, what=f"step {plan.key!r}")
-            # A large output goes to the output storage now, before the row that references it commits.
-            stored = offload.offload_text(text, run_id=self._claim.run_id)
+            text, stored = self._encode(plan, value)
         except (StepOutputError, offload.OutputStorageError) as exc:
             return self._step_failed(plan, exc)
+        return self._commit_success(plan, text, stored, meta=meta, cost=cost, saved=saved, publish=publish)
+
+    def _encode(self, plan: StepPlan, value: Any) -> tuple[str, str]:
+        """The output as JSON text, and as stored (a large one goes to the output storage now, before the row
+        that references it commits)."""
+        text = encode_output(value, what=f"step {plan.key!r}")
+        return text, offload.offload_text(text, run_id=self._claim.run_id)
+
+    def _commit_success(
+        self,
+        plan: StepPlan,
+        text: str,
+        stored: str,
+        *,
+        meta: dict | None = None,
+        cost: Decimal | None = None,
+        saved: Decimal | None = None,
+        publish: bool = True,
+    ) -> Any:
         finished = now()
-        self._pending = (
-            step_row(plan, status=StepStatus.COMPLETED, output=stored, finished=finished, meta=meta),
-            {
-                "key": plan.key,
-                "status": "completed",
-                "attempt": plan.attempt,
-                "duration": (finished - plan.started).total_seconds(),
-            },
-        )
+        row = step_row(plan, status=StepStatus.COMPLETED, output=stored, finished=finished, meta=meta)
+        self._write(row, cost=cost, saved=saved)
         self._seq += 1
+        self._completed += 1
+        self.inflight = None
+        if cost:
+            self._cost_usd += cost
+        if publish:
+            self._publish_step(plan, "completed", finished=finished, output_text=text, meta=meta)
         # What a replay returns (JSON round-trip), so the first execution sees the same value as later ones.
         return json.loads(text)
 
-    def _flush_pending(self) -> None:
-        """Commit the finished step that waits for a boundary (one statement); LeaseLost if we lost the run."""
-        if self._pending is None:
-            return
-        row, event = self._pending
-        written = fenced_write(self._claim, self._buffer, step=row, cost=self._pending_cost, saved=self._pending_saved)
+    def _write(self, row: dict, *, cost: Decimal | None = None, saved: Decimal | None = None) -> None:
+        """One fenced statement: the step row, buffered lines and metadata, spend. LeaseLost if we lost the run."""
+        saved = (saved or Decimal(0)) + self._unwritten_saved
+        written = fenced_write(self._claim, self._buffer, step=row, cost=cost, saved=saved)
         if written is None:
-            self._lease_lost = True
-            raise LeaseLost()
-        self._pending = None
-        self._pending_cost = None
-        self._pending_saved = Decimal(0)
+            self._halt(LeaseLost())
+        self._unwritten_saved = Decimal(0)
         self._cancel_requested = self._cancel_requested or written.cancel_requested
-        realtime.publish_now(realtime.RunEvent("step", self.run_id, event))
-
-    def _take_pending(self) -> dict[str, Any]:
-        """The waiting step (and unwritten figures) as keyword arguments for `run_settle`, which commits them
-        with the run's end."""
-        saved, self._pending_saved = self._pending_saved, Decimal(0)
-        if self._pending is None:
-            return {"saved": saved}
-        row, event = self._pending
-        cost, self._pending, self._pending_cost = self._pending_cost, None, None
-        return {"step": row, "step_event": event, "cost": cost, "saved": saved}
 
     def _step_failed(self, plan: StepPlan, exc: BaseException) -> Any:
-        self._flush_pending()
         finished = now()
         info = error_info(exc, step=plan.key)
         attempt_entry = {
@@ -302,68 +368,25 @@ class RunContext:
         }
         retriable = not isinstance(exc, NonRetriableError)
         error = json.dumps(info)
-        history = json.dumps([attempt_entry])
+        history = json.dumps([*plan.lost, attempt_entry])
+        self.inflight = None
         if retriable and plan.budget_used < plan.retry.attempts:
             delay = plan.retry.delay_after(plan.budget_used)
-            wake_at = finished + timedelta(seconds=delay)
+            wake_at = self._claim.now() + timedelta(seconds=delay)
+            row = step_row(
+                plan, status=StepStatus.RETRYING, error=error, history=history, finished=finished, wake_at=wake_at
+            )
             self._park(
-                step=step_row(
-                    plan,
-                    status=StepStatus.RETRYING,
-                    error=error,
-                    history=history,
-                    finished=finished,
-                    wake_at=wake_at,
-                ),
+                step=row,
                 wake_at=wake_at,
-                event={
-                    "key": plan.key,
-                    "status": "retrying",
-                    "attempt": plan.attempt,
-                    "error": info["message"],
-                    "retry_in": round(delay, 3),
-                },
+                event=self._step_event(plan, "retrying", finished=finished, wake_at=wake_at, error=info["message"]),
             )
         # Out of attempts (or non-retriable): record the failed step; run_execute runs the compensations
         # (if any) and fails the run.
-        failed = step_row(plan, status=StepStatus.FAILED, error=error, history=history, finished=finished)
-        if fenced_write(self._claim, self._buffer, step=failed) is None:
-            self._lease_lost = True
-            raise LeaseLost()
+        self._write(step_row(plan, status=StepStatus.FAILED, error=error, history=history, finished=finished))
         self._seq += 1
-        realtime.publish_now(
-            realtime.RunEvent(
-                "step",
-                self.run_id,
-                {"key": plan.key, "status": "failed", "attempt": plan.attempt, "error": info["message"]},
-            )
-        )
+        self._publish_step(plan, "failed", finished=finished, error=info["message"])
         raise StepFailedForGood(info)
-
-    def _park(
-        self,
-        *,
-        step: dict,
-        wake_at: datetime | None,
-        event: dict,
-        waitpoint: dict | None = None,
-        children: Callable[[], list[str]] | None = None,
-    ) -> None:
-        """Record `step` and set the run waiting until `wake_at`, releasing the lease; raise Parked."""
-        saved, self._pending_saved = self._pending_saved, Decimal(0)
-        if run_park(
-            self._claim,
-            self._buffer,
-            step=step,
-            wake_at=wake_at,
-            waitpoint=waitpoint,
-            children=children,
-            saved=saved,
-        ):
-            realtime.publish_now(realtime.RunEvent("step", self.run_id, event))
-            raise Parked()
-        self._lease_lost = True
-        raise LeaseLost()
 
     def _call_sync(self, plan: StepPlan, fn: Callable, args: tuple, kwargs: dict) -> Any:
         budget, is_run_budget = self._effective_timeout(plan)
@@ -377,7 +400,7 @@ class RunContext:
         except StepTimeout:
             if is_run_budget:
                 self._timed_out = True
-                raise RunTimedOut() from None
+                self._halt(RunTimedOut())
             raise
         finally:
             self._step_attempt = None
@@ -385,7 +408,7 @@ class RunContext:
         if budget is not None and time.monotonic() - started > budget:
             if is_run_budget:
                 self._timed_out = True
-                raise RunTimedOut()
+                self._halt(RunTimedOut())
             raise StepTimeout(f"step {plan.key!r} ran past its timeout of {budget:g}s; its result was discarded")
         return value
 
@@ -421,7 +444,7 @@ class RunContext:
         else:
             try:
                 value = self._call_sync(plan, fn, args, kwargs)
-            except (Parked, Cancelled, RunTimedOut, StepFailedForGood):
+            except (*STOPS, StepFailedForGood):
                 raise
             except Exception as exc:
                 return self._step_failed(plan, exc)
@@ -438,156 +461,6 @@ class RunContext:
             undone.append(key)
         return undone
 
-    # -- child runs -------------------------------------------------------------------------------------
-    def invoke(self, id: str, task: Task | str, payload: dict | None = None) -> Any:
-        """Start a child run of `task` and park until it finishes; its output, or ChildRunFailed."""
-        (outcome,) = self._children(id, StepKind.INVOKE, task, [payload or {}])
-        return child_output(outcome)
-
-    def map(self, id: str, task: Task | str, payloads: list[dict]) -> list[Any]:
-        """Fan out one child run per payload, park until all finish, fan in their outputs in order.
-        Raises ChildRunFailed (naming the first failed child) if any failed."""
-        return [child_output(outcome) for outcome in self._children(id, StepKind.MAP, task, list(payloads))]
-
-    def _children(self, id: str, kind: str, task: Task | str, payloads: list[dict]) -> list[dict]:
-        task_id = task if isinstance(task, str) else task.id
-        key = self._unique_key(id)
-        rec = self._next_recorded(key)
-        self._flush_pending()
-        self._check_boundary()
-        plan = StepPlan(key, rec.seq if rec else self._seq, kind, 1, 1, NO_RETRY_PLAN, None)
-        if rec is not None and rec.status == StepStatus.COMPLETED:
-            self._seq += 1
-            return rec.output
-        if rec is not None:
-            children = rec.meta.get("children", [])
-            outcomes = children_outcomes(children)
-            if outcomes is not None:
-                self._complete_wait(plan, output=outcomes)
-                return outcomes
-            # Not all children finished: park again (each child wakes the parent when it ends).
-            self._park(
-                step=step_row(plan, status=StepStatus.WAITING, finished=None, meta={"children": children}),
-                wake_at=None,
-                event={"key": key, "status": "waiting", "kind": kind},
-            )
-        child_task = registry.get(task_id)  # an unknown task fails this run here, with a clear error
-
-        def start_children() -> list[str]:
-            ids = []
-            for i, payload in enumerate(payloads):
-                child, _ = run_create(
-                    task=child_task,
-                    payload=child_task.validate_payload(payload),
-                    parent_id=self._claim.run_id,
-                    idempotency_key=child_idempotency_key(self.run_id, key, i),
-                )
-                ids.append(str(child.id))
-            return ids
-
-        if not payloads:
-            self._complete_wait(plan, output=[])
-            return []
-        self._park(
-            step=step_row(plan, status=StepStatus.WAITING, finished=None),
-            wake_at=None,
-            event={"key": key, "status": "waiting", "kind": kind},
-            children=start_children,
-        )
-
-    # -- durable timers ------------------------------------------------------------------------------
-    def sleep(self, id: str, duration: timedelta | float) -> None:
-        """Park the run for `duration` (a timedelta or seconds): no worker is held while it sleeps."""
-        seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-        self._sleep(id, lambda: now() + timedelta(seconds=max(seconds, 0)))
-
-    def sleep_until(self, id: str, when: datetime) -> None:
-        """Park the run until `when` (an aware datetime)."""
-        if when.tzinfo is None:
-            raise ValueError("sleep_until needs an aware datetime (with a timezone)")
-        self._sleep(id, lambda: when)
-
-    def _sleep(self, id: str, wake_at: Callable[[], datetime]) -> None:
-        key = self._unique_key(id)
-        rec = self._next_recorded(key)
-        self._flush_pending()
-        self._check_boundary()
-        plan = StepPlan(key, rec.seq if rec else self._seq, StepKind.SLEEP, 1, 1, NO_RETRY_PLAN, None)
-        if rec is not None and rec.status == StepStatus.COMPLETED:
-            self._seq += 1
-            return
-        if rec is not None:
-            # Recorded as waiting and the run is executing again: only the timer wakes a sleeping run.
-            self._complete_wait(plan, output=None)
-            return
-        when = wake_at()
-        if when <= now():
-            self._complete_wait(plan, output=None)
-            return
-        self._park(
-            step=step_row(plan, status=StepStatus.WAITING, finished=None, wake_at=when),
-            wake_at=when,
-            event={"key": key, "status": "waiting", "kind": StepKind.SLEEP, "wake_at": when.isoformat()},
-        )
-
-    # -- waits for an event or a person ------------------------------------------------------------------
-    def wait_for_event(
-        self, id: str, *, event: str, match: dict | None = None, timeout: timedelta | float | None = None
-    ) -> Any:
-        """Park until an event named `event` whose data contains `match` arrives (after this wait began);
-        return its data, or None after `timeout`."""
-        if not event:
-            raise ValueError("wait_for_event needs an event name")
-        return self._wait(
-            id, kind=StepKind.EVENT, timeout=timeout, waitpoint={"event_name": event, "match": match or {}}
-        )
-
-    def wait_for_approval(
-        self, id: str, *, prompt: str, form: type | None = None, timeout: timedelta | float | None = None
-    ) -> dict | None:
-        """Park until a person approves or rejects (dashboard, or the API with the waitpoint's token).
-        Returns {"approved", "by", "comment", "data"} (data validated by `form`), or None after `timeout`."""
-        form_path = f"{form.__module__}.{form.__qualname__}" if form is not None else ""
-        return self._wait(id, kind=StepKind.APPROVAL, timeout=timeout, waitpoint={"prompt": prompt, "form": form_path})
-
-    def _wait(self, id: str, *, kind: str, timeout: timedelta | float | None, waitpoint: dict) -> Any:
-        key = self._unique_key(id)
-        rec = self._next_recorded(key)
-        self._flush_pending()
-        self._check_boundary()
-        plan = StepPlan(key, rec.seq if rec else self._seq, kind, 1, 1, NO_RETRY_PLAN, None)
-        if rec is not None and rec.status == StepStatus.COMPLETED:
-            self._seq += 1
-            return rec.output
-        if rec is not None:
-            outcome = waitpoint_outcome(run_id=self._claim.run_id, step_key=key)
-            if outcome.done:
-                self._complete_wait(plan, output=outcome.result)
-                return outcome.result
-            # Woken while the wait is still open (a duplicate wake-up): park again on the same waitpoint.
-            self._park(
-                step=step_row(plan, status=StepStatus.WAITING, finished=None, wake_at=outcome.timeout_at),
-                wake_at=outcome.timeout_at,
-                event={"key": key, "status": "waiting", "kind": kind},
-            )
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        timeout_at = now() + timedelta(seconds=seconds) if seconds is not None else None
-        self._park(
-            step=step_row(plan, status=StepStatus.WAITING, finished=None, wake_at=timeout_at, meta=waitpoint),
-            wake_at=timeout_at,
-            event={"key": key, "status": "waiting", "kind": kind},
-            waitpoint={"kind": kind, "step_key": key, "timeout_at": timeout_at, **waitpoint},
-        )
-
-    def _complete_wait(self, plan: StepPlan, *, output: Any) -> None:
-        finished = now()
-        text = offload.offload_text(encode_output(output, what=f"step {plan.key!r}"), run_id=self._claim.run_id)
-        self._pending = (
-            step_row(plan, status=StepStatus.COMPLETED, output=text, finished=finished),
-            {"key": plan.key, "status": "completed", "kind": plan.kind},
-        )
-        self._seq += 1
-
     def transaction(self, id: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A step whose Django ORM writes commit in the same transaction as its checkpoint: exactly once."""
         plan = self._step_begin(
@@ -598,52 +471,53 @@ class RunContext:
         try:
             with transaction.atomic():
                 value = self._call_sync(plan, fn, args, kwargs)
-                result = self._step_succeeded(plan, encode_output_checked(value, plan))
-                # The checkpoint must commit with the writes, not wait for the next boundary.
-                self._flush_pending()
-        except (Parked, Cancelled, RunTimedOut, StepFailedForGood):
+                text, stored = self._encode(plan, value)  # an output Dex can't store rolls the writes back
+                result = self._commit_success(plan, text, stored, publish=False)
+        except (*STOPS, StepFailedForGood):
             raise  # LeaseLost included: the atomic block rolled the writes back with the checkpoint
         except Exception as exc:
-            self._pending = None
             return self._step_failed(plan, exc)
+        self._publish_step(plan, "completed", finished=now(), output_text=text)
         return result
 
+    # -- live events -----------------------------------------------------------------------------------------
+    def _step_event(
+        self,
+        plan: StepPlan,
+        status: str,
+        *,
+        finished: datetime | None = None,
+        wake_at: datetime | None = None,
+        error: str | None = None,
+        output_text: str | None = None,
+        meta: dict | None = None,
+        children: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """What changed, for the live views (runs.realtime; the event contract is in realtime.py)."""
+        preview = None
+        if output_text is not None:
+            cut = len(output_text) > OUTPUT_PREVIEW_CHARS
+            preview = output_text[:OUTPUT_PREVIEW_CHARS] + ("…" if cut else "")
+        return {
+            "key": plan.key,
+            "seq": plan.seq,
+            "kind": plan.kind,
+            "status": status,
+            "attempt": plan.attempt,
+            "started_at": plan.started.isoformat(),
+            "finished_at": finished.isoformat() if finished else None,
+            "wake_at": wake_at.isoformat() if wake_at else None,
+            "error": error,
+            "duration": (finished - plan.started).total_seconds() if finished else None,
+            "output_preview": preview,
+            "usage": (meta or {}).get("usage"),
+            "children": children,
+            "worker_lost": bool(plan.lost),
+            "steps_completed": self._completed,
+        }
 
-def encode_output_checked(value: Any, plan: StepPlan) -> Any:
-    """Raise StepOutputError now (inside the transaction, rolling it back) for an output Dex can't store."""
-    encode_output(value, what=f"step {plan.key!r}")
-    return value
-
-
-NO_RETRY_PLAN = Retry(attempts=1)
-
-
-def step_row(
-    plan: StepPlan,
-    *,
-    status: str,
-    finished: datetime | None,
-    output: str | None = None,
-    error: str | None = None,
-    history: str = "[]",
-    wake_at: datetime | None = None,
-    meta: dict | None = None,
-) -> dict:
-    return {
-        "s_seq": plan.seq,
-        "s_key": plan.key,
-        "s_kind": plan.kind,
-        "s_status": status,
-        "s_attempts": plan.attempt,
-        "s_budget": plan.budget_used,
-        "s_output": output,
-        "s_error": error,
-        "s_history": history,
-        "s_started": plan.started,
-        "s_finished": finished,
-        "s_wake_at": wake_at,
-        "s_meta": json.dumps(meta or {}),
-    }
+    def _publish_step(self, plan: StepPlan, status: str, **changes: Any) -> None:
+        realtime.publish_now(realtime.RunEvent("step", self.run_id, self._step_event(plan, status, **changes)))
 
 
 @contextmanager
@@ -667,24 +541,3 @@ def alarm(seconds: float | None) -> Iterator[None]:
 
 async def _awaitable_with_timeout(aw: Any, seconds: float | None) -> Any:
     return await asyncio.wait_for(aw, seconds)
-
-
-def children_outcomes(children: list[str]) -> list[dict] | None:
-    """Each child's {run, status, output, error} in order, or None while any is still unfinished."""
-    rows = {str(r["id"]): r for r in Run.objects.filter(pk__in=children).values("id", "status", "output", "error")}
-    if len(rows) < len(children) or any(r["status"] not in TERMINAL_STATUSES for r in rows.values()):
-        return None
-    return [
-        {"run": child, "status": rows[child]["status"], "output": rows[child]["output"], "error": rows[child]["error"]}
-        for child in children
-    ]
-
-
-def child_output(outcome: dict) -> Any:
-    if outcome["status"] == RunStatus.COMPLETED:
-        return outcome["output"]
-    error = outcome.get("error") or {}
-    message = error.get("message") or outcome["status"]
-    raise ChildRunFailed(
-        f"child run {outcome['run']} ended {outcome['status']}: {message}", run_id=outcome["run"], error=error
-    )

@@ -33,6 +33,10 @@ class AsyncRunContext:
     task_id = property(lambda self: self._sync.task_id)
     attempt = property(lambda self: self._sync.attempt)
     cancelled = property(lambda self: self._sync.cancelled)
+    code_version = property(lambda self: self._sync.code_version)
+
+    def patched(self, id: str) -> bool:
+        return self._sync.patched(id)
 
     def set_metadata(self, key: str, value: Any) -> None:
         self._sync.set_metadata(key, value)
@@ -66,7 +70,7 @@ class AsyncRunContext:
             ctx._step_attempt = None
             if is_run_budget:
                 ctx._timed_out = True
-                raise RunTimedOut() from None
+                ctx._halt(RunTimedOut())
             exc = StepTimeout(f"step {plan.key!r} ran past its timeout of {budget:g}s")
             return await sync_to_async(ctx._step_failed)(plan, exc)
         except Exception as exc:

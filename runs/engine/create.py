@@ -39,7 +39,9 @@ def run_create(
     run and False.
     """
     now = timezone.now()
-    with transaction.atomic():
+    # No savepoint when a service's transaction wraps this one: a savepoint is a subtransaction, with an id of
+    # its own — work for nothing on the trigger's path.
+    with transaction.atomic(savepoint=False):
         if idempotency_key:
             # Serialise triggers of the same key (no unique constraint can express "within the TTL").
             # \x1f separates the two, not NUL: a Postgres text parameter can't hold NUL.

@@ -29,7 +29,7 @@ def load_steps(run_id: UUID) -> list[StepRecord]:
     rows = (
         Step.objects.filter(run_id=run_id)
         .order_by("seq")
-        .values_list("seq", "key", "kind", "status", "attempts", "budget_used", "output", "meta", "error")
+        .values_list("seq", "key", "kind", "status", "attempts", "budget_used", "output", "meta", "error", "wake_at")
     )
     return [StepRecord(*row) for row in rows]
 
@@ -63,7 +63,17 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
         # wrong. Fail the run saying why; a retry resumes from the same step once the storage is back.
         return run_settle(claim, Buffer(), RunStatus.FAILED, error=error_info(exc))
     ctx = RunContext(claim=claim, task=task, steps=steps)
-    realtime.publish_now(realtime.run_changed(claim.run_id, RunStatus.RUNNING), to_runs_list=True)
+    realtime.publish_now(
+        realtime.run_changed(
+            claim.run_id,
+            RunStatus.RUNNING,
+            started_at=claim.started_at.isoformat() if claim.started_at else None,
+            code_version=claim.code_version,
+            cost_usd=format(claim.cost_usd, "f"),
+            steps_completed=ctx._completed,
+        ),
+        to_runs_list=True,
+    )
     install_log_capture()
     if heartbeat:
         heartbeats.add(ctx)
@@ -77,6 +87,8 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
                     value = async_to_sync(task.fn)(AsyncRunContext(ctx), **kwargs)
                 else:
                     value = task.fn(ctx, **kwargs)
+            if ctx._stop is not None:
+                raise ctx._stop  # the agent's code caught the signal that stopped it (`except BaseException`)
             output = offload.offload_text(encode_output(value, what=f"task {task.id!r}"), run_id=claim.run_id)
         finally:
             heartbeats.remove(ctx)
@@ -93,19 +105,28 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
         log.exception("run %s: database error; the run will be recovered after its lease expires", run_id)
         return None
     except Cancelled:
-        return run_settle(claim, ctx._buffer, RunStatus.CANCELED, **ctx._take_pending())
+        return _settle(ctx, RunStatus.CANCELED)
     except RunTimedOut:
-        return run_settle(claim, ctx._buffer, RunStatus.TIMED_OUT, error=timed_out_error(task), **ctx._take_pending())
+        return _settle(ctx, RunStatus.TIMED_OUT, error=timed_out_error(task))
     except Exception as exc:
-        return run_settle(claim, ctx._buffer, RunStatus.FAILED, error=error_info(exc), **ctx._take_pending())
-    # The last step (if it is still waiting for a boundary) commits with the run's end: one statement.
-    return run_settle(claim, ctx._buffer, RunStatus.COMPLETED, output=output, **ctx._take_pending())
+        return _settle(ctx, RunStatus.FAILED, error=error_info(exc))
+    return _settle(ctx, RunStatus.COMPLETED, output=output)
+
+
+def _settle(ctx: RunContext, status: str, **fields: object) -> str | None:
+    return run_settle(
+        ctx._claim,
+        ctx._buffer,
+        status,
+        saved=ctx._unwritten_saved,
+        steps_completed=ctx._completed,
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 def _fail_compensated(ctx: RunContext, error: dict) -> str | None:
     """A step failed for good: run the compensations registered so far (newest first, each a durable step,
     resumable after a crash), then fail the run with what was undone recorded on its error."""
-    claim = ctx._claim
     if ctx._compensations:
         heartbeats.add(ctx)
         try:
@@ -120,7 +141,7 @@ def _fail_compensated(ctx: RunContext, error: dict) -> str | None:
             error = {**error, "compensation_interrupted": True}
         finally:
             heartbeats.remove(ctx)
-    return run_settle(claim, ctx._buffer, RunStatus.FAILED, error=error, **ctx._take_pending())
+    return _settle(ctx, RunStatus.FAILED, error=error)
 
 
 def timed_out_error(task: Task) -> dict:

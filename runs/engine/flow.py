@@ -82,12 +82,12 @@ def broker_priority(priority: int) -> int | None:
     Brokers speak 0–9; Redis (kombu) serves 0 first, RabbitMQ serves 9 first, so the scale flips for Redis.
     Only ordering among waiting messages is affected; limited groups are ordered exactly by `claim_next`.
     """
-    if not priority:
-        return None
     level = max(0, min(9, priority))
     if settings.CELERY_BROKER_URL.split(":", 1)[0].startswith("redis"):
+        # Every message gets one: kombu's Redis transport serves a message without a priority first of all, so
+        # a run of priority 0 left without one would jump ahead of every prioritised (and recovered) run.
         return 9 - level
-    return level
+    return level or None
 
 
 def _describe_key(path: str | None, key: str) -> str:
@@ -107,10 +107,7 @@ WITH candidate AS (
    ORDER BY priority DESC, id
    LIMIT 1)
 UPDATE runs_run r
-   SET status = 'running', lease_owner = %(worker)s, lease_token = lease_token + 1,
-       lease_expires_at = statement_timestamp() + make_interval(secs => %(lease)s),
-       claimed_at = statement_timestamp(), started_at = coalesce(started_at, statement_timestamp()),
-       executions = executions + 1, wake_at = NULL, status_reason = ''
+   SET {claim_set}
   FROM candidate
  WHERE r.id = candidate.id AND r.status = 'queued'
    AND (%(climit)s::int IS NULL OR (
@@ -165,21 +162,22 @@ def claim_next(
     ckey: str | None,
     rkey: str | None,
     task: Task | None,
-    worker: str,
+    params: dict[str, Any],
+    claim_set: str,
     returning: str,
 ) -> tuple | None:
     """Claim the best queued run of `run_id`'s group if its limits allow one more; else mark the group's
     queued runs with why they wait (and, for a rate limit, when to re-send them) and return None.
 
+    `claim_set` and `returning` are the claim's SET and RETURNING clauses (lease.py), `params` its parameters.
     Returns the claimed run's row: its id, then the columns named in `returning`.
     """
     limits = Limits.of(task)
     params = {
+        **params,
         "task": task_id,
         "ckey": ckey,
         "rkey": rkey,
-        "worker": worker,
-        "lease": settings.DEX_LEASE_SECONDS,
         "climit": limits.concurrency if ckey is not None else None,
         "rlimit": limits.rate if rkey is not None else None,
         "period": limits.period or 0,
@@ -192,7 +190,7 @@ def claim_next(
             [_lock_names(task_id, ckey, rkey)],
         )
         group_queued = _group_queued(ckey, rkey)
-        cur.execute(_CLAIM_NEXT_SQL.format(returning=returning, group_queued=group_queued), params)
+        cur.execute(_CLAIM_NEXT_SQL.format(claim_set=claim_set, returning=returning, group_queued=group_queued), params)
         row = cur.fetchone()
         if row is not None:
             if params["rlimit"] is not None:

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -17,7 +18,8 @@ from uuid import UUID
 from django.conf import settings
 from django.db import DatabaseError, connection
 
-from runs.engine.codec import json_default
+from runs.engine import versions
+from runs.engine.codec import json_default, now
 from runs.engine.flow import claim_next
 from runs.sdk.registry import registry
 
@@ -45,31 +47,66 @@ class Claim:
     may_have_steps: bool = True
     cost_usd: Decimal = Decimal(0)  # LLM spend recorded so far
     budget_usd: Decimal | None = None  # the run's own cap (an approved "continue?"), over the task's
+    started_at: datetime | None = None
+    created_at: datetime | None = None
+    code_version: str = ""
+    # The step an earlier execution was executing when it was last seen (heartbeat), if any.
+    inflight: dict | None = None
+    # Postgres's clock minus this machine's at the claim: deadlines are written in Postgres's time.
+    clock_offset: timedelta = timedelta(0)
     claimed_monotonic: float = field(default_factory=time.monotonic)
 
+    def now(self) -> datetime:
+        """The time in Postgres's clock (the scheduler compares deadlines with its now())."""
+        return now() + self.clock_offset
 
-_CLAIM_RETURNING = """task_id, payload, lease_token, cancel_requested_at IS NOT NULL, executed_seconds, executions,
-          replay_of_id IS NOT NULL, cost_usd, budget_usd"""
+
+# What a claim sets and returns: shared by the plain claim below and flow.claim_next. Every execution records
+# the version of the code executing it when it differs from the previous one; the first is the run's version.
+_VERSION = "coalesce(%(versions)s::jsonb ->> task_id, %(version)s)"
+CLAIM_SET = f"""status = 'running', lease_owner = %(worker)s, lease_token = lease_token + 1,
+         lease_expires_at = statement_timestamp() + make_interval(secs => %(lease)s),
+         claimed_at = statement_timestamp(), started_at = coalesce(started_at, statement_timestamp()),
+         executions = executions + 1, wake_at = NULL, status_reason = '', resends = 0,
+         lease_backend_pid = CASE WHEN %(track_backend)s THEN pg_backend_pid() END,
+         code_version = CASE WHEN code_version = '' THEN {_VERSION} ELSE code_version END,
+         execution_versions = CASE
+           WHEN execution_versions -> -1 ->> 'version' IS DISTINCT FROM {_VERSION}
+           THEN execution_versions || jsonb_build_array(jsonb_build_object(
+                  'execution', executions + 1, 'version', {_VERSION}, 'at', statement_timestamp()))
+           ELSE execution_versions END"""
+CLAIM_RETURNING = """task_id, payload, lease_token, cancel_requested_at IS NOT NULL, executed_seconds, executions,
+          replay_of_id IS NOT NULL, cost_usd, budget_usd, started_at, created_at, code_version, inflight,
+          statement_timestamp()"""
 
 # A run without flow-control limits is claimed by the UPDATE. A limited one (runs/engine/flow.py) is not: the
 # second branch hands back its group (task and keys) for claim_next, still in one round trip.
 _CLAIM_SQL = f"""
 WITH claimed AS (
-  UPDATE runs_run
-     SET status = 'running', lease_owner = %(worker)s, lease_token = lease_token + 1,
-         lease_expires_at = now() + make_interval(secs => %(lease)s), claimed_at = now(),
-         started_at = coalesce(started_at, now()), executions = executions + 1, wake_at = NULL,
-         status_reason = ''
+  UPDATE runs_run SET {CLAIM_SET}
    WHERE id = %(run)s AND status = 'queued' AND concurrency_key_value IS NULL AND rate_key_value IS NULL
-  RETURNING {_CLAIM_RETURNING})
+  RETURNING {CLAIM_RETURNING})
 SELECT true, NULL::text, NULL::text, * FROM claimed
 UNION ALL
 SELECT false, concurrency_key_value, rate_key_value, task_id, NULL::jsonb, NULL::bigint, NULL::bool,
-       NULL::float, NULL::int, NULL::bool, NULL::numeric, NULL::numeric
+       NULL::float, NULL::int, NULL::bool, NULL::numeric, NULL::numeric, NULL::timestamptz, NULL::timestamptz,
+       NULL::text, NULL::jsonb, NULL::timestamptz
   FROM runs_run
  WHERE id = %(run)s AND status IN ('queued', 'running')
    AND (concurrency_key_value IS NOT NULL OR rate_key_value IS NOT NULL)
 """
+
+
+def claim_params(run_id: UUID | str, worker: str) -> dict[str, Any]:
+    return {
+        "run": str(run_id),
+        "worker": worker,
+        "lease": settings.DEX_LEASE_SECONDS,
+        # Behind a transaction-mode pooler a backend is not this process's own: no death detection by session.
+        "track_backend": settings.DEX_DB_POOLER != "transaction",
+        "versions": json.dumps(versions.task_versions()),
+        "version": versions.deploy_version(),
+    }
 
 
 def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
@@ -79,8 +116,9 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
     A run of a task with concurrency / rate limits takes a second, locked statement (claim_next), which
     may claim a better run of the same group instead — or none, leaving them queued, when a limit is reached.
     """
+    params = claim_params(run_id, worker)
     with connection.cursor() as cur:
-        cur.execute(_CLAIM_SQL, {"run": str(run_id), "worker": worker, "lease": settings.DEX_LEASE_SECONDS})
+        cur.execute(_CLAIM_SQL, params)
         row = cur.fetchone()
     if row is None:
         return None
@@ -94,13 +132,15 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
             ckey=ckey,
             rkey=rkey,
             task=task,
-            worker=worker,
-            returning=_CLAIM_RETURNING,
+            params=params,
+            claim_set=CLAIM_SET,
+            returning=CLAIM_RETURNING,
         )
         if row is None:
             return None
         run_id, *row = row
-    task_id, payload, token, cancel_requested, executed, executions, is_replay, cost, budget = row
+    (task_id, payload, token, cancel_requested, executed, executions, is_replay, cost, budget, started_at,
+     created_at, code_version, inflight, db_now) = row  # fmt: skip
     if isinstance(payload, str):
         payload = json.loads(payload)
     return Claim(
@@ -115,6 +155,11 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
         may_have_steps=executions > 1 or is_replay,
         cost_usd=cost,
         budget_usd=budget,
+        started_at=started_at,
+        created_at=created_at,
+        code_version=code_version,
+        inflight=json.loads(inflight) if isinstance(inflight, str) else inflight,
+        clock_offset=db_now - now(),
     )
 
 
@@ -124,9 +169,12 @@ LEASE_EXTEND = "lease_expires_at = now() + make_interval(secs => %(lease)s)"
 
 _LOGS_CTE = """,
 logs AS (
-  INSERT INTO runs_logline (run_id, step_key, ts, level, message)
-  SELECT lease.id, x.step_key, x.ts, x.level, x.message
-    FROM lease, jsonb_to_recordset(%(logs)s::jsonb) AS x(step_key text, ts timestamptz, level text, message text))"""
+  INSERT INTO runs_logline (run_id, step_key, ts, level, message, origin)
+  SELECT lease.id, x.step_key, x.ts, x.level, x.message, x.origin
+    FROM lease, jsonb_to_recordset(%(logs)s::jsonb)
+         AS x(step_key text, ts timestamptz, level text, message text, origin text)
+  -- A line of agent code outside steps is stored once per run, however often the code re-runs (context.py).
+  ON CONFLICT (run_id, origin) WHERE origin IS NOT NULL DO NOTHING)"""
 
 _STEP_CTE = """,
 step AS (
@@ -158,6 +206,8 @@ class StepRecord:
     output: Any
     meta: dict
     error: dict | None = None
+    # A sleep's wake-up, a retry's next attempt, a wait's timeout: recorded when the wait began (DESIGN §3).
+    wake_at: datetime | None = None
 
 
 class Buffer:
@@ -189,6 +239,11 @@ class Written:
     step_written: bool
     # The run's concurrency group (flow control); None for a task without a concurrency limit.
     concurrency_key: str | None = None
+    # What the live header shows, as the statement left the run.
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cost_usd: Decimal = Decimal(0)
+    code_version: str = ""
 
 
 def fenced_write(
@@ -221,7 +276,10 @@ def fenced_write(
         run_set = (run_set or LEASE_EXTEND) + ", saved_usd = saved_usd + %(saved)s"
         values["saved"] = saved
     owned = "id = %(run)s AND lease_token = %(token)s AND status = 'running'"
-    columns = "id, cancel_requested_at, queue, priority, parent_id, concurrency_key_value"
+    columns = (
+        "id, cancel_requested_at, queue, priority, parent_id, concurrency_key_value, started_at, finished_at, "
+        "cost_usd, code_version"
+    )
     if run_set is None:
         # A step's commit only has to prove the lease (the heartbeat extends it): lock the run row against a
         # concurrent claim instead of updating it, which spares a new row version and its index entries.
@@ -237,8 +295,8 @@ def fenced_write(
         values.update(step)
     written = "(SELECT count(*) FROM step)" if step is not None else "0"
     sql += (
-        f"\nSELECT cancel_requested_at IS NOT NULL, queue, priority, parent_id, {written}, concurrency_key_value"
-        " FROM lease"
+        f"\nSELECT cancel_requested_at IS NOT NULL, queue, priority, parent_id, {written}, concurrency_key_value,"
+        " started_at, finished_at, cost_usd, code_version FROM lease"
     )
     try:
         with connection.cursor() as cur:
@@ -249,7 +307,7 @@ def fenced_write(
         raise
     if row is None:
         return None
-    result = Written(bool(row[0]), row[1], row[2], row[3], bool(row[4]), row[5])
+    result = Written(bool(row[0]), row[1], row[2], row[3], bool(row[4]), *row[5:])
     if step is not None and not result.step_written:
         # The step is already completed under this very token: only a reused token could do that.
         return None

@@ -8,14 +8,13 @@ from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 
 from runs import realtime
-from runs.engine.codec import now
 from runs.engine.dispatch import enqueue
 from runs.engine.flow import release_slots
 from runs.engine.hooks import run_settled
-from runs.engine.lease import Buffer, Claim, fenced_write
+from runs.engine.lease import Buffer, Claim, Written, fenced_write
 from runs.engine.transitions import runs_wake
 from runs.engine.waits import waitpoint_create
 from runs.models import RunStatus, Step
@@ -24,8 +23,11 @@ from runs.sdk.registry import registry
 log = logging.getLogger(__name__)
 
 _SETTLE_SET = """status = %(status)s, output = %(output)s::jsonb, error = %(error)s::jsonb,
-       finished_at = now(), lease_owner = '', lease_expires_at = NULL, wake_at = NULL,
-       executed_seconds = executed_seconds + extract(epoch FROM now() - claimed_at)"""
+       finished_at = now(), lease_owner = '', lease_expires_at = NULL, wake_at = NULL, lease_backend_pid = NULL,
+       inflight = NULL, executed_seconds = executed_seconds + extract(epoch FROM now() - claimed_at)"""
+
+# The scheduler sleeps until the next due time; a run parking with a nearer one says so (scheduler.py).
+SCHEDULER_CHANNEL = "dex_scheduler"
 
 
 def run_settle(
@@ -35,26 +37,20 @@ def run_settle(
     *,
     output: str | None = None,
     error: dict | None = None,
-    step: dict | None = None,
-    step_event: dict | None = None,
-    cost: Decimal | None = None,
     saved: Decimal | None = None,
+    steps_completed: int | None = None,
 ) -> str | None:
-    """End the run (fenced by the lease token) in one statement with the last buffered lines and `step`."""
+    """End the run (fenced by the lease token) in one statement with the last buffered lines."""
     written = fenced_write(
         claim,
         buffer,
         run_set=_SETTLE_SET,
         params={"status": status, "output": output, "error": json.dumps(error) if error else None},
-        step=step,
-        cost=cost,
         saved=saved,
     )
     if written is None:
         return None
-    if step_event is not None:
-        realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), step_event))
-    realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
+    realtime.publish_now(run_event(claim, written, status, steps_completed=steps_completed), to_runs_list=True)
     run_settled(claim.run_id, status)  # after the settle committed (alerts listen); never raises
     if written.concurrency_key is not None:
         release_slot(claim, written.concurrency_key)
@@ -63,8 +59,21 @@ def run_settle(
     return status
 
 
+def run_event(claim: Claim, written: Written, status: str, **extra: object) -> realtime.RunEvent:
+    """A run's status change with what the live header shows (runs.realtime's event contract)."""
+    return realtime.run_changed(
+        claim.run_id,
+        status,
+        started_at=written.started_at.isoformat() if written.started_at else None,
+        finished_at=written.finished_at.isoformat() if written.finished_at else None,
+        cost_usd=format(written.cost_usd, "f"),
+        code_version=written.code_version,
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+
+
 _PARK_SET = """status = %(status)s, wake_at = %(wake_at)s, lease_owner = '', lease_expires_at = NULL,
-       enqueued_at = CASE WHEN %(status)s = 'queued' THEN now() END,
+       lease_backend_pid = NULL, inflight = NULL, enqueued_at = CASE WHEN %(status)s = 'queued' THEN now() END,
        executed_seconds = executed_seconds + extract(epoch FROM now() - claimed_at)"""
 
 
@@ -74,6 +83,7 @@ def run_park(
     *,
     step: dict,
     wake_at: datetime | None,
+    event: dict,
     waitpoint: dict | None = None,
     children: Callable[[], list[str]] | None = None,
     saved: Decimal | None = None,
@@ -81,8 +91,8 @@ def run_park(
     """Record the parking step and set the run waiting until `wake_at` (straight back to queued when it is
     already due), releasing the lease: one statement, plus in the same transaction what the run waits on —
     its waitpoint, or its child runs (created here, so none can finish before the parent is parked on it).
-    False if the lease was lost."""
-    due = wake_at is not None and wake_at <= now()
+    Publishes the step's `event` and the run's change. False if the lease was lost."""
+    due = wake_at is not None and wake_at <= claim.now()
     status = RunStatus.QUEUED if due else RunStatus.WAITING
     with transaction.atomic():
         written = fenced_write(
@@ -98,13 +108,17 @@ def run_park(
         if waitpoint is not None:
             waitpoint_create(run_id=claim.run_id, **waitpoint)
         if children is not None:
-            ids = children()
+            event["children"] = ids = children()
             Step.objects.filter(run_id=claim.run_id, key=step["s_key"]).update(meta={"children": ids})
+        if wake_at is not None and not due:
+            with connection.cursor() as cur:
+                cur.execute("SELECT pg_notify(%s, '')", [SCHEDULER_CHANNEL])
     if due:
         enqueue(claim.run_id, queue=written.queue, priority=written.priority)
     if written.concurrency_key is not None:
         release_slot(claim, written.concurrency_key)
-    realtime.publish_now(realtime.run_changed(claim.run_id, status), to_runs_list=True)
+    realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), event))
+    realtime.publish_now(run_event(claim, written, status), to_runs_list=True)
     return True
 
 

@@ -16,10 +16,11 @@ from runs.models import TERMINAL_STATUSES, Run, RunStatus
 log = logging.getLogger(__name__)
 
 
-def runs_wake(run_ids: list[Any]) -> int:
-    """Re-queue waiting runs whose wait was completed (an event, an approval); enqueue on commit."""
+def runs_wake(run_ids: list[Any]) -> list[Any]:
+    """Re-queue waiting runs whose wait was completed (an event, an approval); enqueue on commit. Returns the
+    runs it woke (a run that is not waiting — canceled meanwhile, say — is left alone)."""
     if not run_ids:
-        return 0
+        return []
     with connection.cursor() as cur:
         cur.execute(
             """UPDATE runs_run SET status = 'queued', wake_at = NULL, enqueued_at = now()
@@ -30,7 +31,7 @@ def runs_wake(run_ids: list[Any]) -> int:
     for run_id, queue, priority in rows:
         enqueue_on_commit(run_id, queue=queue, priority=priority)
         realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
-    return len(rows)
+    return [row[0] for row in rows]
 
 
 # --- operator transitions (cancel, retry) -------------------------------------------------------------------
@@ -107,11 +108,23 @@ def run_retry_from_failed_step(run_id: UUID | str) -> bool:
 
 
 def run_wake_now(run_id: UUID | str) -> bool:
-    """Wake a waiting/delayed run at once, as if its timer had fired (time travel in runs.testing)."""
+    """Wake a waiting/delayed run at once, as if its timer had fired (time travel in runs.testing): the
+    recorded deadlines it waits for (a sleep's wake-up, a wait's timeout) move to now."""
     with transaction.atomic():
         updated = Run.objects.filter(pk=run_id, status__in=[RunStatus.WAITING, RunStatus.DELAYED]).update(
             status=RunStatus.QUEUED, wake_at=None, enqueued_at=now()
         )
         if updated:
+            with connection.cursor() as cur:
+                cur.execute(
+                    """UPDATE runs_step SET wake_at = now()
+                        WHERE run_id = %s AND status IN ('waiting', 'retrying') AND wake_at > now()""",
+                    [str(run_id)],
+                )
+                cur.execute(
+                    """UPDATE runs_waitpoint SET timeout_at = now()
+                        WHERE run_id = %s AND completed_at IS NULL AND timeout_at > now()""",
+                    [str(run_id)],
+                )
             realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
     return bool(updated)

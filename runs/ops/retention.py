@@ -30,9 +30,11 @@ from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Exists, OuterRef, QuerySet
 from django.db.models.expressions import RawSQL
+from django.utils import timezone
 
 from runs import offload
-from runs.models import TERMINAL_STATUSES, LogLine, Run, Step
+from runs.ids import uuid7_floor
+from runs.models import TERMINAL_STATUSES, Event, LogLine, Run, Step
 from runs.ops.audit import Actor, audit_record
 
 log = logging.getLogger("dex.retention")
@@ -169,15 +171,20 @@ class ScheduledRetention:
         self.next_at: float | None = None  # None: due at once (a scheduler's start)
 
     def tick(self) -> PruneResult | None:
-        """Prune if due; the result, or None when retention is off or not due yet."""
-        days = settings.DEX_RETENTION_DAYS
-        if not days:
-            return None
+        """Prune if due; the result, or None when retention is off or not due yet. Old events go too
+        (DEX_EVENT_RETENTION_SECONDS): a wait's window never reaches back that far."""
         now = self.clock()
         if self.next_at is not None and now < self.next_at:
             return None
         # Set first: a prune that raises (storage unreachable) is tried again next interval, not every tick.
         self.next_at = now + settings.DEX_RETENTION_INTERVAL_SECONDS
+        if settings.DEX_EVENT_RETENTION_SECONDS:
+            events = events_prune(older_than=timedelta(seconds=settings.DEX_EVENT_RETENTION_SECONDS))
+            if events:
+                log.info("retention: deleted %d event(s)", events)
+        days = settings.DEX_RETENTION_DAYS
+        if not days:
+            return None
         result = runs_prune(
             older_than=timedelta(days=days),
             batch_size=self.batch_size,
@@ -189,6 +196,19 @@ class ScheduledRetention:
         if result.runs:
             log.info("retention: deleted %d run(s) finished over %g day(s) ago", result.runs, days)
         return result
+
+
+def events_prune(*, older_than: timedelta, batch_size: int = 5000, max_batches: int = 20) -> int:
+    """Delete events received more than `older_than` ago, in batches; how many went. Ids are uuid7, so "older
+    than" is an id range on the primary key."""
+    floor = uuid7_floor(timezone.now() - older_than)
+    deleted = 0
+    for _ in range(max_batches):
+        ids = list(Event.objects.filter(pk__lt=floor).order_by("pk").values_list("pk", flat=True)[:batch_size])
+        if not ids:
+            break
+        deleted += Event.objects.filter(pk__in=ids).delete()[0]
+    return deleted
 
 
 def describe(result: PruneResult) -> dict[str, Any]:

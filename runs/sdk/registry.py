@@ -64,6 +64,9 @@ class Registry:
         except KeyError:
             raise UnknownTask(task_id) from None
 
+    def __len__(self) -> int:
+        return len(self._tasks)
+
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._tasks
 

@@ -133,7 +133,7 @@ def test_the_sse_stream_carries_a_runs_events_until_it_finishes(daphne: Daphne, 
 
     completed = [data["key"] for kind, data in events if kind == "step" and data.get("status") == "completed"]
     assert completed == STEPS
-    assert events[-1] == ("run", {"status": "completed"})
+    assert events[-1][0] == "run" and events[-1][1]["status"] == "completed"
     assert Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED
 
 

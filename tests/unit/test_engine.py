@@ -118,6 +118,7 @@ def test_it_fails_with_a_nondeterminism_error_naming_both_ids(tmp_path):
     assert run.status == RunStatus.FAILED
     assert run.error["type"] == "NonDeterminismError"
     assert "'b'" in run.error["message"] and "'c'" in run.error["message"]
+    assert 'ctx.patched("' in run.error["message"]  # and says how to ship such a change safely
 
 
 def test_async_tasks_and_steps_work(ledger):
@@ -234,10 +235,10 @@ def test_an_expired_idempotency_key_starts_a_new_run():
 
 
 def test_a_step_commits_with_one_statement(django_assert_num_queries):
-    """The hot path: a claim, then one statement per step (lease proof + insert), the last of which also
-    settles the run: n steps cost n + 1 statements in all."""
+    """The hot path: a claim, then one statement per step (lease proof + insert, committed before ctx.step
+    returns), then the settle: n steps cost n + 2 statements in all."""
     run = Run.objects.create(task_id="u-loop", payload={"n": 5})
-    with engine.enqueue_to(lambda run_id: None), django_assert_num_queries(1 + 5):
+    with engine.enqueue_to(lambda run_id: None), django_assert_num_queries(1 + 5 + 1):
         engine.run_execute(run.id, heartbeat=False)
     run.refresh_from_db()
     assert run.status == RunStatus.COMPLETED
@@ -285,3 +286,28 @@ def test_fork_from_a_step_reuses_earlier_steps_and_runs_from_it(ledger):
     assert fork.output == {"total": 1 + 100 + 3 + 4}
     with pytest.raises(services.RunStateError):
         services.run_fork(run=run, step_key="nope", by=Actor.system("tests"))
+
+
+def test_a_line_logged_outside_steps_is_stored_once_however_often_the_code_re_runs():
+    """Agent code outside steps re-runs on every execution; a line it logged (say, flushed by the heartbeat
+    before the worker died) carries its position in the code, and the same position is stored once."""
+    run = Run.objects.create(task_id="t-ten-steps", payload={"ledger": "x"})
+    claim = engine.run_claim(run.id, worker="a")
+    line = {"step_key": "", "ts": timezone.now().isoformat(), "level": "INFO", "message": "hi", "origin": "3.1"}
+    for _ in range(2):  # two executions reach the same line
+        buffer = engine.Buffer()
+        buffer.logs.append(dict(line))
+        assert engine.fenced_write(claim, buffer) is not None
+    inside = {**line, "step_key": "s1", "origin": None}  # a step's own lines belong to its attempts: all kept
+    for _ in range(2):
+        buffer = engine.Buffer()
+        buffer.logs.append(dict(inside))
+        engine.fenced_write(claim, buffer)
+    assert list(run.logs.values_list("step_key", "message")) == [("", "hi"), ("s1", "hi"), ("s1", "hi")]
+
+
+def test_a_line_logged_outside_steps_while_replaying_recorded_steps_is_not_stored_again(ledger):
+    """The code before a recorded step already logged its lines the first time through."""
+    run = run_task("t-logs-between", {"ledger": str(ledger)})
+    assert run.status == RunStatus.COMPLETED and run.executions == 2  # parked once
+    assert list(run.logs.filter(step_key="").values_list("message", flat=True)) == ["before the nap", "after it"]

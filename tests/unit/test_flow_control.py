@@ -235,7 +235,7 @@ def test_a_very_long_key_is_stored_as_a_digest():
 
 def test_priority_maps_onto_the_brokers_scale(settings):
     settings.CELERY_BROKER_URL = "redis://localhost:6379/0"
-    assert [flow.broker_priority(p) for p in (0, 1, 5, 9, 50, -3)] == [None, 8, 4, 0, 0, 9]
+    assert [flow.broker_priority(p) for p in (0, 1, 5, 9, 50, -3)] == [9, 8, 4, 0, 0, 9]
     settings.CELERY_BROKER_URL = "amqp://guest@localhost//"
     assert [flow.broker_priority(p) for p in (0, 1, 5, 50)] == [None, 1, 5, 9]
 

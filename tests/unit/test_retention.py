@@ -12,7 +12,8 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from runs import offload
-from runs.models import AuditEntry, LogLine, Run, RunStatus, Schedule, Step, StepChunk, StepStatus
+from runs.ids import uuid7_floor
+from runs.models import AuditEntry, Event, LogLine, Run, RunStatus, Schedule, Step, StepChunk, StepStatus
 from runs.ops import retention
 
 pytestmark = pytest.mark.django_db
@@ -191,3 +192,11 @@ def test_orphan_blobs_of_a_pruned_run_go_with_it(outputs_dir: Path):
     assert len(list((outputs_dir / str(run.pk)).iterdir())) == 1
     assert "1 stored outputs" in prune("--older-than", "30d")
     assert not (outputs_dir / str(run.pk)).exists()
+
+
+def test_events_older_than_their_retention_are_pruned_and_newer_ones_kept():
+    old = Event.objects.create(id=uuid7_floor(timezone.now() - timedelta(days=8)), name="old")
+    new = Event.objects.create(name="new")
+    assert retention.events_prune(older_than=timedelta(days=7)) == 1
+    assert list(Event.objects.values_list("pk", flat=True)) == [new.pk]
+    assert not Event.objects.filter(pk=old.pk).exists()

@@ -9,7 +9,7 @@ connection, which the engine commits on in autocommit).
 
 Invariants: terminal states are absorbing (until a retry), a step never executes once committed and has one
 result, a running run has one lease owner and tokens only grow, nothing starts after a cancel, a wait
-consumes exactly the first matching event sent while it was open.
+consumes exactly the first matching event sent after the run was created, open or not yet open (no lost-event race).
 """
 
 from __future__ import annotations
@@ -157,12 +157,13 @@ class RunLifecycle(RuleBasedStateMachine):
         self.event_counter += 1
         data = {"run": run, "n": self.event_counter}
         external_id = f"sm-{run}-{self.event_counter}" if with_id else ""
-        open_before = Waitpoint.objects.filter(run_id=run, completed_at__isnull=True, kind="event").exists()
         with engine.enqueue_to(self.sent.append):
             for _ in range(2 if twice else 1):
                 services.event_send(name="sm.event", data=data, external_id=external_id)
-        if open_before and self.expected_event[run] is None:
-            self.expected_event[run] = data  # the first event while the wait was open is the one it gets
+        if self.expected_event[run] is None:
+            # No lost-event race: the first event after the run's creation is the one its wait gets, whether
+            # the wait was open when it came or began later (DESIGN §3).
+            self.expected_event[run] = data
 
     @rule(run=runs)
     def cancel(self, run: str) -> None:
