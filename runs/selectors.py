@@ -47,6 +47,7 @@ def run_list(
     statuses: Sequence[str] = (),
     task_id: str | None = None,
     tag: str | None = None,
+    version: str | None = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,
     cursor: str | None = None,
@@ -67,6 +68,7 @@ def run_list(
         statuses=tuple(statuses),
         task_id=task_id or "",
         tag=tag or "",
+        version=version or "",
         created_after=created_after,
         created_before=created_before,
         search=search or "",
@@ -91,6 +93,8 @@ class RunListFilters:
     created_before: datetime | None = None
     # A run id or an idempotency key, exactly.
     search: str = ""
+    # The code version the run started on (ctx.patched; DESIGN §2).
+    version: str = ""
 
     @property
     def is_empty(self) -> bool:
@@ -109,6 +113,8 @@ class RunListFilters:
             return False
         if self.created_before is not None and not run.created_at < self.created_before:
             return False
+        if self.version and run.code_version != self.version:
+            return False
         if self.search:
             return self.search in (str(run.pk), run.idempotency_key)
         return True
@@ -121,6 +127,8 @@ def run_queryset(*, filters: RunListFilters) -> QuerySet[Run]:
         runs = runs.filter(status__in=list(filters.statuses))
     if filters.task_id:
         runs = runs.filter(task_id=filters.task_id)
+    if filters.version:
+        runs = runs.filter(code_version=filters.version)  # run_version_idx
     if filters.tag:
         # `contains` on the array is `tags @> ARRAY[tag]`, which the GIN index run_tags_idx serves.
         runs = runs.filter(tags__contains=[filters.tag])

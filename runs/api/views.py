@@ -208,6 +208,7 @@ class RunFilters(Schema):
     status: list[RunStatus] | None = Field(None, description="One or more statuses (repeat the parameter).")
     task: Text | None = Field(None, description="A task id.")
     tag: Tag | None = Field(None, description="Runs carrying this tag.")
+    version: Text | None = Field(None, description="Runs that started on this code version.")
     created_after: DateTime | None = Field(None, description="Runs created after this, e.g. 2025-06-01T00:00:00Z.")
     created_before: DateTime | None = Field(None, description="Runs created before this.")
     # Typed as what it is (the last id of the previous page), so a malformed one is a schema error.
@@ -233,6 +234,10 @@ class RunSummaryOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     cost: float = Field(description="LLM cost so far, in USD.")
+    code_version: str = Field(
+        description="The code the run started on: DEX_CODE_VERSION, else the deploy's git revision, else a hash "
+        "of the task's source (see ctx.patched)."
+    )
 
     @staticmethod
     def resolve_task(run: Run) -> str:
@@ -254,6 +259,10 @@ class RunSummaryOut(Schema):
 class RunOut(RunSummaryOut):
     payload: dict[str, Any]
     output: Any = Field(description="The task's return value, once completed.")
+    execution_versions: list[dict[str, Any]] = Field(
+        description="`{execution, version, at}` for the run's first execution and each later one whose code "
+        "version differed from the one before."
+    )
 
 
 class StepOut(Schema):
@@ -266,10 +275,21 @@ class StepOut(Schema):
     started_at: datetime | None
     finished_at: datetime | None
     usage: dict[str, Any] | None = Field(description="LLM token usage and cost of an `ai` step.")
+    failed_attempts: list[dict[str, Any]] = Field(
+        description="`{attempt, started_at, finished_at, error: {type, message}}` for each attempt that did not "
+        'succeed — an exception, a timeout, or its worker dying under it (type "WorkerLost").'
+    )
 
     @staticmethod
     def resolve_usage(step: Any) -> dict[str, Any] | None:
         return (step.meta or {}).get("usage")
+
+    @staticmethod
+    def resolve_failed_attempts(step: Any) -> list[dict[str, Any]]:
+        return [
+            {**entry, "error": {k: (entry.get("error") or {}).get(k) for k in ("type", "message")}}
+            for entry in step.history or []
+        ]
 
 
 class WaitpointOut(Schema):
@@ -517,6 +537,7 @@ def runs_list(request: HttpRequest, filters: Query[RunFilters]) -> selectors.Run
         statuses=filters.status or (),
         task_id=filters.task,
         tag=filters.tag,
+        version=filters.version,
         created_after=_utc(filters.created_after),
         created_before=_utc(filters.created_before),
         cursor=str(filters.cursor) if filters.cursor else None,

@@ -13,13 +13,14 @@ from django.utils import timezone
 from runs.models import RunStatus
 from runs.selectors import RunListFilters
 
-FILTER_FIELDS = ("status", "task", "tag", "created_after", "created_before", "q")
+FILTER_FIELDS = ("status", "task", "tag", "version", "created_after", "created_before", "q")
 
 
 class RunFilterForm(forms.Form):
     status = forms.MultipleChoiceField(choices=RunStatus.choices, required=False, widget=forms.CheckboxSelectMultiple)
     task = forms.CharField(required=False, max_length=200)
     tag = forms.CharField(required=False, max_length=100)
+    version = forms.CharField(required=False, max_length=100, label="Code version")
     created_after = forms.DateField(required=False, label="From", widget=forms.DateInput(attrs={"type": "date"}))
     created_before = forms.DateField(required=False, label="To", widget=forms.DateInput(attrs={"type": "date"}))
     q = forms.CharField(required=False, max_length=255, label="Run id or idempotency key")
@@ -36,6 +37,7 @@ class RunFilterForm(forms.Form):
             statuses=tuple(data.get("status") or ()),
             task_id=(data.get("task") or "").strip(),
             tag=(data.get("tag") or "").strip(),
+            version=(data.get("version") or "").strip(),
             # Dates are whole days in the current time zone; "to" includes its day.
             created_after=_start_of(after) if after else None,
             created_before=_start_of(before + timedelta(days=1)) if before else None,

@@ -40,6 +40,7 @@ def run_list(request: HtmxHttpRequest) -> HttpResponse:
             statuses=filters.statuses,
             task_id=filters.task_id,
             tag=filters.tag,
+            version=filters.version,
             created_after=filters.created_after,
             created_before=filters.created_before,
             search=filters.search,
