@@ -104,6 +104,13 @@ def noop_link(token: str, i: int, steps: int) -> None:
         signal_done(token)
 
 
+@shared_task(name="bench.noop_link_defaults", ignore_result=True, acks_late=False, reject_on_worker_lost=False)
+def noop_link_defaults(token: str, i: int, steps: int) -> None:
+    """The same link for the Celery-defaults baseline: acknowledged on receipt (Celery's default, where Dex's
+    settings acknowledge late), run by a worker started with Celery's default prefetch (4 per process)."""
+    noop_link(token, i, steps)
+
+
 @shared_task(name="bench.eta_noop", ignore_result=True)
 def eta_noop(token: str) -> None:
     """The `parked` scenario's peer: a Celery task sent with `countdown=` (an ETA message the worker holds

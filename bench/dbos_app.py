@@ -1,10 +1,14 @@
-"""The DBOS Transact side of the comparison: a workflow of the same no-op steps (imported only when used)."""
+"""The DBOS Transact side of the comparison: a workflow of the same no-op steps (imported only by
+bench/dbos_worker.py, in processes of its own: no Django here)."""
 
 from __future__ import annotations
 
 from dbos import DBOS
 
-from bench.agents import noop
+
+def noop(i: int) -> int:
+    """The same step as bench.agents.noop."""
+    return i
 
 
 @DBOS.step()

@@ -13,11 +13,14 @@ its own on the configured Redis, so it never touches the dev or test databases o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +57,7 @@ class Sizes:
 
 
 FULL = Sizes("full", warmup_rounds=10, repeats=5, rounds=40, pgbench_seconds=10, count_runs=10)
-QUICK = Sizes("quick", warmup_rounds=5, repeats=5, rounds=12, pgbench_seconds=3, count_runs=5)
+QUICK = Sizes("quick", warmup_rounds=3, repeats=5, rounds=8, pgbench_seconds=3, count_runs=5)
 TINY = Sizes("tiny", warmup_rounds=1, repeats=2, rounds=2, pgbench_seconds=1, count_runs=2)
 
 
@@ -83,6 +86,15 @@ def goal_met(value: float | None, goal: str) -> bool:
         ">": value > bound,
         "==": value == bound,
     }[op]
+
+
+def judge(figures: dict, goals: dict[str, str]) -> tuple[dict[str, bool | None], bool]:
+    """Per goal: met, not met, or None where its figure wasn't measured (a peer skipped); and whether every
+    measured goal is met."""
+    met: dict[str, bool | None] = {
+        key: (goal_met(figures[key], goal) if figures.get(key) is not None else None) for key, goal in goals.items()
+    }
+    return met, all(v for v in met.values() if v is not None)
 
 
 def rounded(value: Any, digits: int = 4) -> Any:
@@ -215,12 +227,35 @@ class BenchEnv:
         host = url_host(self.database_url)
         return host.startswith("/") or host in ("", "127.0.0.1", "localhost", "::1")
 
-    def start_worker(self, *, concurrency: int = 1, name: str = "worker", env: dict[str, str] | None = None) -> Worker:
-        """A Celery worker on the bench's queue (`env` is added to its environment), stopped with the scenario."""
-        worker = Worker(self, name=name, concurrency=concurrency, env_extra=env)
+    def start_worker(
+        self,
+        *,
+        concurrency: int = 1,
+        name: str = "worker",
+        env: dict[str, str] | None = None,
+        queue: str | None = None,
+        args: list[str] | None = None,
+    ) -> Worker:
+        """A Celery worker on the bench's queue (or `queue`), with `args` added to its command line and `env` to
+        its environment; stopped with the scenario."""
+        worker = Worker(self, name=name, concurrency=concurrency, env_extra=env, queue=queue, args=args)
         self.stack.callback(worker.stop)
         worker.start()
         return worker
+
+    def start_celery_defaults_worker(self, *, concurrency: int = 1, name: str = "celery-defaults") -> Worker:
+        """The second Celery baseline: a worker with Celery's defaults (prefetch 4 per process; its task,
+        bench.agents.noop_link_defaults, acknowledges on receipt) on a queue of its own, `celery_defaults_queue`."""
+        return self.start_worker(
+            concurrency=concurrency,
+            name=name,
+            queue=self.celery_defaults_queue,
+            args=["--prefetch-multiplier", "4"],
+        )
+
+    @property
+    def celery_defaults_queue(self) -> str:
+        return f"{self.queue}-celery-defaults"
 
     def start_scheduler(self, *, name: str = "scheduler", env: dict[str, str] | None = None) -> Process:
         """The bench's own `manage.py scheduler` (wakes due runs, recovers runs of dead workers), stopped with
@@ -325,11 +360,22 @@ def stop_publisher() -> None:
 class Worker:
     """A real `celery worker` on the bench's queue, in its own process group; stopped on exit."""
 
-    def __init__(self, env: BenchEnv, *, name: str, concurrency: int, env_extra: dict[str, str] | None = None):
+    def __init__(
+        self,
+        env: BenchEnv,
+        *,
+        name: str,
+        concurrency: int,
+        env_extra: dict[str, str] | None = None,
+        queue: str | None = None,
+        args: list[str] | None = None,
+    ):
         self.env = env
         self.name = name
         self.concurrency = concurrency
         self.env_extra = env_extra or {}
+        self.queue = queue or env.queue
+        self.extra_args = args or []
         self.log_path = env.workdir / f"{name}.log"
         self.popen: subprocess.Popen | None = None
 
@@ -348,12 +394,13 @@ class Worker:
             "-c",
             str(self.concurrency),
             "-Q",
-            self.env.queue,
+            self.queue,
             "-n",
             f"{self.name}-{self.env.session}@%h",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
+            *self.extra_args,
         ]
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
@@ -370,7 +417,7 @@ class Worker:
                 self.stop()
                 raise RuntimeError(f"the bench worker did not start:\n{self.log()[-3000:]}")
             time.sleep(0.05)
-        log(f"worker {self.name} ready (pid {self.popen.pid}, queue {self.env.queue})")
+        log(f"worker {self.name} ready (pid {self.popen.pid}, queue {self.queue})")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -401,19 +448,34 @@ class Process:
     """Any other long-running process of the bench (scheduler, daphne), in its own process group, its output in
     the work dir; `stop()` ends the group (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, bench: BenchEnv, name: str, args: list[str], *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        bench: BenchEnv,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.bench = bench
         self.name = name
         self.args = args
         self.env_extra = env or {}
+        self.cwd = cwd or ROOT
         self.log_path = bench.workdir / f"{name}.log"
         self.popen: subprocess.Popen | None = None
+
+    def pids(self) -> list[int]:
+        """The process and its children (its process group)."""
+        if self.popen is None:
+            return []
+        return [pid for pid in _all_pids() if _pgrp(pid) == self.popen.pid]
 
     def start(self, *, ready: str, timeout: float = 60) -> Process:
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
                 self.args,
-                cwd=ROOT,
+                cwd=self.cwd,
                 env={**os.environ, **self.env_extra},
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -442,6 +504,116 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=20)
+
+
+class LineProcess:
+    """A helper process the bench talks to in JSON lines over its stdin/stdout (DBOS workflow processes, peer
+    drivers, websocket client processes): `send()` a request, `receive()` its answer. Its stderr goes to the
+    work dir; it runs in its own process group and is stopped with the scenario."""
+
+    def __init__(
+        self,
+        bench: BenchEnv,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
+        self.bench = bench
+        self.name = name
+        self.args = args
+        self.env_extra = env or {}
+        self.cwd = cwd or ROOT
+        self.log_path = bench.workdir / f"{name}.log"
+        self.popen: subprocess.Popen | None = None
+        self._buffer = b""
+
+    def start(self, timeout: float = 120) -> LineProcess:
+        """Start it and wait for its first line (`{"ready": true}`)."""
+        with open(self.log_path, "ab") as err:
+            self.popen = subprocess.Popen(
+                self.args,
+                cwd=self.cwd,
+                env={**os.environ, **self.env_extra},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.bench.stack.callback(self.stop)
+        first = self.receive(timeout)
+        if not first.get("ready"):
+            raise RuntimeError(f"{self.name} did not say it was ready: {first}")
+        return self
+
+    def pids(self) -> list[int]:
+        if self.popen is None:
+            return []
+        return [pid for pid in _all_pids() if _pgrp(pid) == self.popen.pid]
+
+    def send(self, message: dict) -> None:
+        assert self.popen is not None and self.popen.stdin is not None
+        self.popen.stdin.write((json.dumps(message) + "\n").encode())
+        self.popen.stdin.flush()
+
+    def receive(self, timeout: float) -> dict:
+        """The next line it writes, as JSON; a RuntimeError (with its log's tail) if it died or said nothing."""
+        assert self.popen is not None and self.popen.stdout is not None
+        fd = self.popen.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            ready = select.select([fd], [], [], max(0.0, min(left, 1.0)))[0] if left > 0 else []
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited:\n{self.log()[-3000:]}")
+                self._buffer += chunk
+            elif left <= 0:
+                raise RuntimeError(f"{self.name} gave no answer in {timeout:.0f} s:\n{self.log()[-3000:]}")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line)
+
+    def request(self, message: dict, timeout: float) -> dict:
+        self.send(message)
+        return self.receive(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(OSError):
+            self.popen.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_average() -> dict:
+    """`uptime`'s line and the 1/5/15-minute load averages, to print beside timings."""
+    one, five, fifteen = os.getloadavg()
+    try:
+        text = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    return {"uptime": text, "load": [round(one, 2), round(five, 2), round(fifteen, 2)]}
 
 
 # --- Postgres counters ------------------------------------------------------------------------------------------
@@ -524,6 +696,11 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
+def _ppid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def _pgrp(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[2]) if fields else None
@@ -544,14 +721,25 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 class CpuMeter:
-    """CPU seconds, by part: this process (all its threads), the worker's processes, the Postgres backends
-    serving the bench databases, and Redis (INFO; the server may be shared, so it is its own part)."""
+    """CPU seconds, by part: this process (all its threads: the trigger), the worker's processes, every process
+    of the Postgres server when it runs on this machine (backends, WAL writer, checkpointer, ...; else the
+    backends serving the bench databases), Redis (INFO; a shared server is its own part) and any `extra`
+    process groups (e.g. daphne)."""
 
-    def __init__(self, env: BenchEnv, *, worker: Worker | None, databases: list[str], redis: Any):
+    def __init__(
+        self,
+        env: BenchEnv,
+        *,
+        worker: Worker | None,
+        databases: list[str],
+        redis: Any,
+        extra: dict[str, Callable[[], list[int]]] | None = None,
+    ):
         self.env = env
         self.worker = worker
         self.databases = databases
         self.redis = redis
+        self.extra = extra or {}
         self.worker_pids = worker.pids() if worker else []
         self.postgres_local = env.local_server
         self.postmaster = None
@@ -559,16 +747,25 @@ class CpuMeter:
             backend = env.probe.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
             fields = _stat_fields(backend)
             self.postmaster = int(fields[1]) if fields else None
+        self.extra_pids = {part: pids() for part, pids in self.extra.items()}
 
     def refresh(self) -> None:
         if self.worker:
             self.worker_pids = self.worker.pids()
+        self.extra_pids = {part: pids() for part, pids in self.extra.items()}
+
+    def _postgres_pids(self) -> list[int]:
+        if self.postmaster:
+            return [self.postmaster] + [pid for pid in _all_pids() if _ppid(pid) == self.postmaster]
+        return self.env.probe.backend_pids(self.databases) if self.env.probe else []
 
     def read(self) -> dict[str, dict[int, float] | float]:
         snapshot: dict[str, Any] = {"bench": time.process_time()}
         snapshot["worker"] = {pid: _cpu_seconds(pid) for pid in self.worker_pids}
-        if self.postgres_local and self.env.probe:
-            snapshot["postgres"] = {pid: _cpu_seconds(pid) for pid in self.env.probe.backend_pids(self.databases)}
+        for part, pids in self.extra_pids.items():
+            snapshot[part] = {pid: _cpu_seconds(pid) for pid in pids}
+        if self.env.probe:
+            snapshot["postgres"] = {pid: _cpu_seconds(pid) for pid in self._postgres_pids()}
             if self.postmaster:
                 # Backends that exited in the window (a worker's connection closed after its task) are billed
                 # to the postmaster's reaped-children time; on a shared server this includes other sessions'.

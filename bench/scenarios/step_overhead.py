@@ -1,19 +1,24 @@
 """step_overhead: what a durable step costs, next to the alternatives, on the same machine in the same run.
 
 The same 10 no-op steps as
-  celery_one_task   one Celery task doing all 10 (the baseline: no durability, one broker hop)
-  celery_chain      a Celery chain of 10 tasks (one broker hop per step, no durability)
-  dex               a Dex run through a real Celery worker process: trigger → completed, end to end
-  dex_inprocess     the engine alone: `runs.engine.run_execute` (claim + 10 steps + settle) in this process
-  dex_nopublish     the same with realtime publishing switched off (shows what publishing costs the engine)
-  dbos              a DBOS Transact workflow of 10 steps on the same Postgres (its own system database)
-  commit_floor      10 fsync'd single-row INSERT+COMMITs (the physical floor of a durable step)
+  celery_one_task        one Celery task doing all 10 (no durability, one broker hop)
+  celery_chain           a Celery chain of 10 tasks on a worker with Dex's settings (acks_late, prefetch 1)
+  celery_chain_defaults  the same chain on a worker with Celery's defaults (ack on receipt, prefetch 4)
+  dex                    a Dex run through a real Celery worker process: trigger → completed, end to end
+  dex_inprocess          the engine alone: `runs.engine.run_execute` (claim + 10 steps + settle) in this process
+  dex_nopublish          the same with realtime publishing switched off (shows what publishing costs the engine)
+  dbos                   a DBOS Transact workflow of 10 steps on the same Postgres (its own system database), in a
+                         DBOS process of its own (one, as Dex has one worker process here)
+  restate, temporal_*    the peers (bench/peerkit.py), one SDK/worker process each, when they can run here
+  commit_floor           10 one-row INSERTs in autocommit, prepared (the physical floor of a durable step)
 Worker-based variants signal completion the same way (one RPUSH the bench BLPOPs; bench/agents.py).
 
 Write commits are counted from the cluster's transaction-id counter (`pg_snapshot_xmax(pg_current_snapshot())`,
-which assigns none itself) and `pg_stat_wal.wal_sync`, around in-process Dex runs of 10 and of 0 steps; the
-server may be shared, so the minimum over runs is reported (other sessions can only add to a delta). The
-step's exact SQL, captured from a real run, is replayed with `pgbench -c 1` for the single-chain floor.
+which assigns none itself): end to end around every `dex` round (trigger, claim, steps, settle: the goal
+figure), and around in-process runs of 10 and of 0 steps (the steady-state, marginal figure). The server may
+be shared, so minima are reported (other sessions can only add to a delta). CPU seconds are summed over every
+process a Dex run touches (the trigger in this process, the worker, all of Postgres's processes, Redis).
+`pgbench -M prepared -c 1` of the same one-row INSERT measures the floor's rate between repeats.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import statistics
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +41,27 @@ from bench.harness import (
     Variant,
     alternate,
     force_stats_flush,
-    goal_met,
+    judge,
     log,
     rounded,
     spread,
     url_host,
 )
+from bench.peerkit import NOT_RUNNABLE, DbosProcesses, Peer, start_peers
 
 NAME = "step_overhead"
 STEPS = 10
 GOAL = {
     "ratio_vs_dbos": "<= 0.5",
+    "ratio_inprocess_vs_dbos": "<= 0.3",
+    "ratio_vs_restate": "<= 1.0",
     "ratio_vs_celery_chain": "<= 0.5",
-    "ratio_vs_commit_floor": "<= 3",
-    "write_commits_per_step": "<= 1.1",
+    "ratio_inprocess_vs_commit_floor": "<= 3",
+    "write_commits_per_step": "<= 1.2",
+    "write_commits_per_step_marginal": "<= 1.0",
+    "cpu_ms_per_step": "<= 1.2",
 }
 DONE_TIMEOUT = 60.0
-PGBENCH_WORKER = "pgbench"  # the lease owner of the run pgbench writes steps into
 
 
 def run(env: BenchEnv) -> dict:
@@ -62,14 +72,19 @@ def run(env: BenchEnv) -> dict:
     _reset(env)
     client = redis.Redis.from_url(env.redis_url)
     counts = _count_dex_commits(env)
-    pgbench = Pgbench.create(env, counts.pop("_step_sql"), counts.pop("_step_params"))
-    worker = env.start_worker()
-    _launch_dbos(env)
+    pgbench = Pgbench.create(env)
+    with ThreadPoolExecutor(3) as starting:  # each takes seconds to start on a busy box: side by side
+        worker = starting.submit(env.start_worker)
+        defaults = starting.submit(env.start_celery_defaults_worker)
+        dbos = starting.submit(lambda: DbosProcesses(env, 1).start())
+        peers, skipped = start_peers(env, processes=1, tag="seq")
+        worker, dbos = worker.result(), dbos.result()
+        defaults.result()
     floor_conn = psycopg.connect(env.database_url, autocommit=True)
     env.stack.callback(floor_conn.close)
 
     e2e_runs: list[tuple] = []  # (run id, trigger called, trigger returned, completion seen), wall clock
-    variants = _variants(env, client, floor_conn, e2e_runs)
+    variants = _variants(env, client, floor_conn, e2e_runs, dbos, peers)
     meter = CpuMeter(env, worker=worker, databases=[env.database_name, env.dbos_database_name], redis=client)
     tps: list[float | None] = []
 
@@ -87,6 +102,7 @@ def run(env: BenchEnv) -> dict:
     series: dict[str, list[float]] = {
         "dex_ms_per_step": ms["dex"],
         "ratio_vs_celery_chain": ratio("dex", "celery_chain"),
+        "ratio_vs_celery_chain_defaults": ratio("dex", "celery_chain_defaults"),
         "ratio_vs_dbos": ratio("dex", "dbos"),
         "ratio_vs_commit_floor": ratio("dex", "commit_floor"),
         "ratio_vs_celery_one_task": ratio("dex", "celery_one_task"),
@@ -96,11 +112,15 @@ def run(env: BenchEnv) -> dict:
         "publish_share_inprocess": [1 - n / p for n, p in zip(ms["dex_nopublish"], ms["dex_inprocess"], strict=True)],
         "celery_one_task_ms_per_step": ms["celery_one_task"],
         "celery_chain_ms_per_step": ms["celery_chain"],
+        "celery_chain_defaults_ms_per_step": ms["celery_chain_defaults"],
         "dbos_ms_per_step": ms["dbos"],
         "commit_floor_ms": ms["commit_floor"],
     }
+    for name in peers:
+        series[f"{name}_ms_per_step"] = ms[name]
+        series[f"ratio_vs_{name}"] = ratio("dex", name)
     if all(t for t in tps):
-        series["pgbench_step_tps"] = [float(t) for t in tps if t]
+        series["pgbench_floor_tps"] = [float(t) for t in tps if t]
         series["fraction_of_pgbench_floor"] = [1000 / d / t for d, t in zip(ms["dex"], tps, strict=True) if t]
         series["fraction_of_pgbench_floor_inprocess"] = [
             1000 / d / t for d, t in zip(ms["dex_inprocess"], tps, strict=True) if t
@@ -108,22 +128,29 @@ def run(env: BenchEnv) -> dict:
     spreads = {name: spread(values) for name, values in series.items()}
     figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
     figures.update({k: v for k, v in counts.items() if not isinstance(v, dict)})
+    xids: dict[str, list[int]] = {}
     for name in ("dex", "dbos"):
-        xids = [s.xids for s in alt.all(name) if s.xids is not None]
-        if xids:
-            figures[f"{name}_write_commits_per_run_min"] = min(xids)
-    if figures.get("dbos_write_commits_per_run_min") is not None:
-        figures["dbos_write_commits_per_step"] = figures["dbos_write_commits_per_run_min"] / STEPS
+        xids[name] = [s.xids for s in alt.all(name) if s.xids is not None]
+        if xids[name]:
+            figures[f"{name}_write_commits_per_run_min"] = min(xids[name])
+            figures[f"{name}_write_commits_per_run_median"] = statistics.median(xids[name])
+    if xids["dex"]:
+        # End to end, everything counted: the trigger's commit, the claim, the steps, the settle.
+        figures["write_commits_per_step"] = min(xids["dex"]) / STEPS
+    if xids["dbos"]:
+        figures["dbos_write_commits_per_step"] = min(xids["dbos"]) / STEPS
     cpu = {v.name: _cpu_per_step(alt.all(v.name), v.steps) for v in variants}
     if cpu["dex"]:
-        figures["dex_cpu_ms_per_step"] = cpu["dex"]["total"]
-    goals_met = {name: goal_met(figures.get(name), goal) for name, goal in GOAL.items()}
+        figures["cpu_ms_per_step"] = cpu["dex"]["total"]
+    goals_met, met = judge(figures, GOAL)
     return rounded(
         {
             "figures": figures,
             "goal": GOAL,
-            "met": all(goals_met.values()),
+            "met": met,
             "goals_met": goals_met,
+            "skipped_peers": skipped,
+            "not_runnable_peers": NOT_RUNNABLE,
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
             "variants": {
@@ -139,21 +166,24 @@ def run(env: BenchEnv) -> dict:
             "sizes": {**env.sizes.as_dict(), "steps": STEPS},
             "seconds": time.monotonic() - started,
             "missed_because": (
-                "a Dex run pays a fixed ~4.5 ms (the trigger's commit, the broker hop, the claim, the settle) that "
-                "its 10 no-op steps share; per step the executor alone is ~0.4x DBOS and ~3.9x the commit floor "
-                "(figures ratio_inprocess_vs_*). The step itself is one fenced statement and 1.1 write commits; "
-                "what is left is Python per step (memoisation, encoding, the realtime publish) on a 2-core box."
+                "a Dex run pays a fixed cost (the trigger's commit, the broker hop, the claim, the settle; "
+                "`dex_e2e_phases_ms`) that its 10 no-op steps share, and Python per step (memoisation, encoding, "
+                "the realtime publish) on a 2-core box; the engine's hot path is issue 14's other half."
             ),
             "method": (
                 "variants alternate A,B,C,... per round after a warm-up; per repeat a variant's figure is the "
                 "median of its rounds; ratios are paired per repeat and reported as median with min-max "
                 "(`ranges`). dex_ms_per_step and ratio_vs_* use the end-to-end Dex run (trigger -> completed "
-                "through a Celery worker); *_inprocess figures use run_execute in the bench process. "
-                "write_commits_per_step = min over in-process runs of the xid-counter delta / steps (claim + "
-                "steps + settle); *_marginal subtracts a 0-step run (claim + settle). cpu_ms_per_step sums this "
-                "process, the worker's processes, the bench databases' Postgres backends, backends that exited "
-                "in the window (postmaster's reaped-children time: on a shared server, anyone's) and Redis (INFO, "
-                "shared)."
+                "through a Celery worker); *_inprocess figures use run_execute in the bench process. Every engine "
+                "gets one worker process (DBOS: one DBOS process; Restate: one hypercorn worker; Temporal: one "
+                "worker process). write_commits_per_step = min over the end-to-end dex rounds of the xid-counter "
+                "delta / steps (trigger + claim + steps + settle); *_marginal = (10-step run - 0-step run) / 10 "
+                "in process (the steady state); *_inprocess = a whole in-process run / 10. cpu_ms_per_step (end "
+                "to end) sums this process (the trigger), the worker's processes, every Postgres server process "
+                "(and backends that exited in the window: the postmaster's reaped-children time) and Redis (INFO); "
+                "an unwatched run costs daphne nothing (its events reach no consumer), see realtime for a watched "
+                "one. commit_floor = a prepared one-row INSERT in autocommit; pgbench_floor_tps the same with "
+                "pgbench -M prepared -c 1."
             ),
         }
     )
@@ -178,20 +208,6 @@ def _reset(env: BenchEnv) -> None:
     with psycopg.connect(env.dbos_url, autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('dbos.workflow_status')").fetchone()[0]:
             conn.execute("TRUNCATE dbos.workflow_status CASCADE")
-
-
-def _launch_dbos(env: BenchEnv) -> None:
-    import logging
-
-    from dbos import DBOS
-
-    import bench.dbos_app  # noqa: F401  (registers the workflow before launch)
-
-    DBOS(config={"name": "dex-bench", "system_database_url": env.dbos_url, "log_level": "WARNING"})
-    DBOS.launch()
-    logging.getLogger("dbos").setLevel(logging.WARNING)
-    env.stack.callback(DBOS.destroy)
-    log("DBOS launched")
 
 
 def _new_run(env: BenchEnv, steps: int) -> str:
@@ -231,11 +247,12 @@ def _flush_publisher() -> None:
 # --- the variants -------------------------------------------------------------------------------------------------
 
 
-def _variants(env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list) -> list[Variant]:
+def _variants(
+    env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list, dbos: DbosProcesses, peers: dict[str, Peer]
+) -> list[Variant]:
     from celery import chain
 
-    from bench.agents import NOOP_TASK_ID, done_key, noop_all, noop_link
-    from bench.dbos_app import dbos_noop_workflow
+    from bench.agents import NOOP_TASK_ID, done_key, noop_all, noop_link, noop_link_defaults
     from runs import engine, services
     from runs.models import Run, RunStatus
 
@@ -252,10 +269,16 @@ def _variants(env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list) -> li
         noop_all.apply_async((tok, STEPS))
         wait_done(tok)
 
-    # 2. Celery: a chain of one task per step (the signatures are built untimed).
+    # 2. Celery: a chain of one task per step (the signatures are built untimed), with Dex's settings and with
+    # Celery's defaults (another worker, its own queue).
     def chain_prepare() -> tuple[str, Any]:
         tok = token()
         return tok, chain(*(noop_link.si(tok, i, STEPS) for i in range(STEPS)))
+
+    def chain_defaults_prepare() -> tuple[str, Any]:
+        tok = token()
+        queue = env.celery_defaults_queue
+        return tok, chain(*(noop_link_defaults.si(tok, i, STEPS).set(queue=queue) for i in range(STEPS)))
 
     def celery_chain(state: tuple[str, Any]) -> None:
         tok, signature = state
@@ -270,9 +293,6 @@ def _variants(env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list) -> li
         wait_done(f"dex:{run.id}")
         e2e_runs.append((run.id, started, triggered, time.time()))
 
-    def dex_prepare() -> None:
-        _flush_publisher()
-
     def dex_inprocess_prepare() -> str:
         _flush_publisher()
         return _new_run(env, STEPS)
@@ -286,29 +306,34 @@ def _variants(env: BenchEnv, client: Any, floor_conn: Any, e2e_runs: list) -> li
         with _publishing_off():
             dex_inprocess(run_id)
 
-    # 4. DBOS Transact, in this process, on the same Postgres server.
-    def dbos(_: None) -> None:
-        if dbos_noop_workflow(STEPS) != sum(range(STEPS)):
-            raise RuntimeError("the DBOS workflow returned a wrong total")
+    # 4. DBOS Transact and the peers, each in processes of its own.
+    def external(runner: DbosProcesses | Peer, name: str):
+        def run_one(_: None) -> None:
+            _latencies, failed = runner.run(1, STEPS)
+            if failed:
+                raise RuntimeError(f"a {name} workflow failed (see its log)")
 
-    # 5. The floor: fsync'd single-row INSERT + COMMIT, once per step.
+        return run_one
+
+    # 5. The floor: a prepared one-row INSERT in autocommit, once per step.
     def commit_floor(_: None) -> None:
         for _ in range(STEPS):
-            floor_conn.execute("INSERT INTO bench_commit_floor DEFAULT VALUES")
+            floor_conn.execute(FLOOR_SQL, prepare=True)
 
     def dex_check() -> None:
-        runs = Run.objects.filter(task_id=NOOP_TASK_ID).exclude(lease_owner=PGBENCH_WORKER)
-        bad = runs.exclude(status=RunStatus.COMPLETED).count()
+        bad = Run.objects.filter(task_id=NOOP_TASK_ID).exclude(status=RunStatus.COMPLETED).count()
         if bad:
             raise RuntimeError(f"{bad} bench runs did not complete")
 
     return [
         Variant("celery_one_task", STEPS, celery_one_task, prepare=token),
         Variant("celery_chain", STEPS, celery_chain, prepare=chain_prepare),
-        Variant("dex", STEPS, dex, prepare=dex_prepare, check=dex_check),
+        Variant("celery_chain_defaults", STEPS, celery_chain, prepare=chain_defaults_prepare),
+        Variant("dex", STEPS, dex, prepare=_flush_publisher, check=dex_check),
         Variant("dex_inprocess", STEPS, dex_inprocess, prepare=dex_inprocess_prepare),
         Variant("dex_nopublish", STEPS, dex_nopublish, prepare=dex_inprocess_prepare),
-        Variant("dbos", STEPS, dbos, prepare=_flush_publisher),
+        Variant("dbos", STEPS, external(dbos, "DBOS"), prepare=_flush_publisher),
+        *(Variant(name, STEPS, external(peer, name), prepare=_flush_publisher) for name, peer in peers.items()),
         Variant("commit_floor", STEPS, commit_floor, prepare=_flush_publisher),
     ]
 
@@ -361,7 +386,7 @@ def _cpu_per_step(samples: list, steps: int) -> dict[str, float] | None:
 
 def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
     """In-process runs of 10 and of 0 steps, with nothing else of ours running: transaction ids assigned,
-    WAL syncs, and the statements the engine sent (whose step INSERT is kept for pgbench)."""
+    WAL syncs, and the statements the engine sent."""
     from django.db import connection
 
     from runs import engine
@@ -371,17 +396,13 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
         n: {"xids": [], "wal_syncs": [], "wal_bytes": [], "xact_commits": []} for n in (STEPS, 0)
     }
     statements: dict[int, list[str]] = {}
-    step_sql: tuple[str, dict] | None = None
 
     def recorder_for(steps: int):
         recorded: list[str] = []
         statements[steps] = recorded
 
         def record(execute, sql, params, many, context):
-            nonlocal step_sql
             recorded.append(sql)
-            if step_sql is None and "INSERT INTO runs_step" in sql and isinstance(params, dict):
-                step_sql = (sql, dict(params))
             return execute(sql, params, many, context)
 
         return record
@@ -414,12 +435,10 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
             deltas[steps]["xact_commits"].append(c1 - c0 - 1)  # less the flush statement's own commit
     force_stats_flush(connection)
     updates_after = _run_updates()
-    if step_sql is None:
-        raise RuntimeError("no step INSERT was seen; has runs.engine's step write changed?")
     xids10, xids0 = min(deltas[STEPS]["xids"]), min(deltas[0]["xids"])
     wal10, wal0 = min(deltas[STEPS]["wal_bytes"]), min(deltas[0]["wal_bytes"])
     out: dict[str, Any] = {
-        "write_commits_per_step": xids10 / STEPS,
+        "write_commits_per_step_inprocess": xids10 / STEPS,
         "write_commits_per_step_marginal": (xids10 - xids0) / STEPS,
         "write_commits_fixed_per_run": xids0,
         "statements_per_run": len(statements[STEPS]),
@@ -431,8 +450,6 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
             "statements_run_of_10": [_first_words(s) for s in statements[STEPS]],
             "note": "minima are reported: the server is shared, and other sessions only add to a delta",
         },
-        "_step_sql": step_sql[0],
-        "_step_params": step_sql[1],
     }
     if deltas[STEPS]["wal_syncs"]:
         out["wal_syncs_per_step"] = min(deltas[STEPS]["wal_syncs"]) / STEPS
@@ -442,7 +459,7 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
     if deltas[STEPS]["xact_commits"] and connection.pg_version >= 150000:
         out["xact_commits_per_step_incl_readonly"] = min(deltas[STEPS]["xact_commits"]) / STEPS
     log(
-        f"write commits per step {out['write_commits_per_step']:.2f} (marginal "
+        f"write commits per step in process {out['write_commits_per_step_inprocess']:.2f} (marginal "
         f"{out['write_commits_per_step_marginal']:.2f}, fixed {xids0} per run), "
         f"{out['statements_per_run']} statements per 10-step run"
     )
@@ -464,11 +481,9 @@ def _first_words(sql: str) -> str:
     return words[:90]
 
 
-# --- pgbench: the step's own SQL as the single-chain floor -----------------------------------------------------------
+# --- pgbench: the commit floor's rate ---------------------------------------------------------------------------
 
-_SEQ_SENTINEL = 987654321
-_KEY_SENTINEL = "pgbench-step-key-sentinel"
-_RUN_SENTINEL = "pgbench-run-id-sentinel"
+FLOOR_SQL = "INSERT INTO bench_commit_floor DEFAULT VALUES"
 
 
 def _pgbench_binary() -> str | None:
@@ -487,92 +502,29 @@ def _pgbench_binary() -> str | None:
 
 
 class Pgbench:
-    """`pgbench -n -c 1` replaying Dex's exact per-step statement (fenced lease extension + step insert).
+    """`pgbench -n -M prepared -c 1` of the commit floor's one-row INSERT (autocommit: one fsync'd commit a
+    transaction), on the bench database."""
 
-    Each transaction writes a fresh step into one of many runs claimed for it (about ten steps a run, as in
-    the scenario): the run id becomes `(<prefix> || lpad(:r::text, 12, '0'))::uuid` and the step's seq and
-    key come from `:k`; everything else is the statement a worker sent, captured from a real run.
-    """
-
-    def __init__(self, env: BenchEnv, binary: str, template: str):
+    def __init__(self, env: BenchEnv, binary: str):
         self.env = env
         self.binary = binary
-        self.template = template  # the script with {prefix} and {runs} left to fill
-        self.count = 0
+        self.script = env.workdir / "floor.sql"
+        self.script.write_text(FLOOR_SQL + ";\n")
 
     @classmethod
-    def create(cls, env: BenchEnv, sql: str, params: dict) -> Pgbench | None:
-        from django.db import connection
-
+    def create(cls, env: BenchEnv) -> Pgbench | None:
         binary = _pgbench_binary()
         if binary is None:
             log("pgbench not found: fraction_of_pgbench_floor is left out")
             return None
-        values = {**params, "run": _RUN_SENTINEL, "token": 1, "s_seq": _SEQ_SENTINEL, "s_key": _KEY_SENTINEL}
-        text = connection.ops.compose_sql(sql, values)
-        for sentinel in (f"'{_RUN_SENTINEL}'", str(_SEQ_SENTINEL), f"'{_KEY_SENTINEL}'"):
-            if sentinel not in text:
-                raise RuntimeError(f"could not place pgbench variables in the step SQL ({sentinel}):\n{text}")
-        text = (
-            text.replace(f"'{_RUN_SENTINEL}'", "('{prefix}' || lpad(:r::text, 12, '0'))::uuid")
-            .replace(f"'{_KEY_SENTINEL}'", "('p' || :k)")
-            .replace(str(_SEQ_SENTINEL), ":k")
-        )
-        template = "\\set r random(1, {runs})\n\\set k random(1, 2000000000)\n" + text.strip().rstrip(";") + ";\n"
-        log(f"pgbench: {binary} replays Dex's step statement")
-        return cls(env, binary, template)
-
-    def _claimed_runs(self, count: int) -> str:
-        """`count` runs in the state a claim leaves them (running, token 1, lease far ahead); their id prefix."""
-        from datetime import timedelta
-
-        from django.utils import timezone
-
-        from bench.agents import NOOP_TASK_ID
-        from runs.models import Run
-
-        self.count += 1
-        prefix = f"00000000-{self.count:04x}-7000-8000-"
-        now = timezone.now()
-        Run.objects.bulk_create(
-            Run(
-                id=uuid.UUID(f"{prefix}{n:012d}"),
-                task_id=NOOP_TASK_ID,
-                payload={"steps": 0},
-                status="running",
-                queue=self.env.queue,
-                lease_owner=PGBENCH_WORKER,
-                lease_token=1,
-                lease_expires_at=now + timedelta(hours=1),
-                claimed_at=now,
-                started_at=now,
-                executions=1,
-            )
-            for n in range(1, count + 1)
-        )
-        return prefix
-
-    def _steps_written(self, prefix: str) -> int:
-        from django.db import connection
-
-        with connection.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM runs_step s JOIN runs_run r ON r.id = s.run_id"
-                " WHERE r.lease_owner = %s AND r.id::text LIKE %s",
-                [PGBENCH_WORKER, prefix + "%"],
-            )
-            return cur.fetchone()[0]
+        return cls(env, binary)
 
     def run(self, seconds: float) -> float:
         from urllib.parse import unquote, urlparse
 
         seconds = max(1, round(seconds))
-        runs = 300 * seconds  # ≈ 10 steps a run at 3,000 statements/s
-        prefix = self._claimed_runs(runs)
-        script = self.env.workdir / f"step-{self.count}.sql"
-        script.write_text(self.template.replace("{prefix}", prefix).replace("{runs}", str(runs)))
         parsed = urlparse(self.env.database_url)
-        args = [self.binary, "-n", "-f", str(script), "-c", "1", "-T", str(seconds)]
+        args = [self.binary, "-n", "-M", "prepared", "-f", str(self.script), "-c", "1", "-T", str(seconds)]
         args += ["-h", url_host(self.env.database_url)]
         if parsed.port:
             args += ["-p", str(parsed.port)]
@@ -583,12 +535,7 @@ class Pgbench:
         done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=seconds + 60)
         out = done.stdout + done.stderr
         tps = re.search(r"tps = ([0-9.]+)", out)
-        processed = re.search(r"actually processed: (\d+)", out)
-        if done.returncode != 0 or not tps or not processed:
+        if done.returncode != 0 or not tps:
             raise RuntimeError(f"pgbench failed ({done.returncode}):\n{out[-2000:]}")
-        written = self._steps_written(prefix)
-        # Every transaction must have written its step (a lost lease would make it a cheap no-op).
-        if written < 0.99 * int(processed.group(1)):
-            raise RuntimeError(f"pgbench wrote {written} steps in {processed.group(1)} transactions")
-        log(f"pgbench: {float(tps.group(1)):.0f} step statements/s (1 client, {seconds} s, {runs} runs)")
+        log(f"pgbench: {float(tps.group(1)):.0f} one-row INSERT commits/s (prepared, 1 client, {seconds} s)")
         return float(tps.group(1))

@@ -1,14 +1,20 @@
-"""throughput: N = 1, 10, 100 concurrent 10-step runs, the same worker concurrency for every engine.
+"""throughput: N = 1, 10, 100 concurrent 10-step runs, the same number of worker processes for every engine.
 
-At each N, three variants run alternately (dex, dbos, celery_chain, dex, …) after a warm-up, 5 repeats:
-  dex           N runs of the bench's 10 no-op step task triggered through `services.run_trigger`, executed by
-                one real Celery worker process with WORKER_CONCURRENCY prefork children (bench/agents.py)
-  dbos          N DBOS Transact workflows of 10 steps on the same Postgres, WORKER_CONCURRENCY at a time
-                (a thread pool in the bench process: DBOS executes workflows in its caller's process)
-  celery_chain  N Celery chains of 10 tasks on the same worker (no durability: the peer Dex replaces)
+At each N, the variants run alternately (dex, dbos, celery_chain, celery_chain_defaults, …) after a warm-up:
+  dex                    N runs of the bench's 10 no-op step task triggered through `services.run_trigger`,
+                         executed by one real Celery worker with WORKER_CONCURRENCY prefork processes
+  dbos                   N DBOS Transact workflows of 10 steps on the same Postgres, shared out over
+                         WORKER_CONCURRENCY DBOS processes (bench/dbos_worker.py), each running its share one
+                         workflow after another as a Dex worker process does
+  celery_chain           N Celery chains of 10 tasks on the Dex worker (Dex's settings: acks_late, prefetch 1)
+  celery_chain_defaults  the same on a worker with Celery's defaults (ack on receipt, prefetch 4), as many
+                         processes
+  restate, temporal_*    at the largest N only: the peers (bench/peerkit.py), WORKER_CONCURRENCY SDK/worker
+                         processes each, N workflows started at once by their driver
 A round starts its N runs at once and ends when the last one signalled completion (bench/agents.py: one RPUSH
-per run, BLPOPped here). A variant's figure per repeat is the median of its rounds; steps/s = N·10 / round
-time; ratios (dex steps/s over the peer's) are paired per repeat, reported as median with min–max.
+per run, BLPOPped here; the others' drivers answer when their last workflow returned). A variant's figure per
+repeat is the median of its rounds; steps/s = N·10 / round time; ratios (dex steps/s over the peer's) are
+paired per repeat, reported as median with min–max. At the largest N every repeat has one round (5 rounds).
 `run_p99_ms_nN`: the p99 over every measured Dex run of (its completion signal − its round's start).
 Lost runs: Dex runs not `completed` in Postgres at the end, and runs of any variant whose completion signal
 never came within DONE_TIMEOUT (a round does not fail on them: they are counted).
@@ -21,17 +27,25 @@ import dataclasses
 import math
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.harness import BenchEnv, Sizes, Variant, alternate, goal_met, log, rounded, spread
-from bench.scenarios.step_overhead import _flush_publisher, _launch_dbos, _reset
+from bench.harness import BenchEnv, Sizes, Variant, alternate, judge, log, rounded, spread
+from bench.peerkit import NOT_RUNNABLE, DbosProcesses, Peer, start_peers
+from bench.scenarios.step_overhead import _flush_publisher, _reset
 
 NAME = "throughput"
 STEPS = 10
 WORKER_CONCURRENCY = 4
 LEVELS = {"full": (1, 10, 100), "quick": (1, 10, 100), "tiny": (1, 10, 20)}
-GOAL = {"ratio_vs_dbos_n100": ">= 2.0", "ratio_vs_celery_chain_n100": ">= 1.0", "lost_runs": "== 0"}
+GOAL = {
+    "ratio_vs_dbos_n100": ">= 2.0",
+    "ratio_vs_restate_n100": ">= 1.0",
+    "ratio_vs_celery_chain_n100": ">= 1.0",
+    "ratio_vs_celery_chain_defaults_n100": ">= 1.0",
+    "lost_runs": "== 0",
+}
 DONE_TIMEOUT = 120.0
 
 
@@ -51,31 +65,39 @@ def run(env: BenchEnv) -> dict:
     started = time.monotonic()
     _reset(env)
     client = redis.Redis.from_url(env.redis_url)
-    with ThreadPoolExecutor(1) as starter:  # the worker starts while DBOS launches here
-        worker = starter.submit(env.start_worker, concurrency=WORKER_CONCURRENCY, name="throughput")
-        _launch_dbos(env)
-        worker.result()
-    pool = ThreadPoolExecutor(max_workers=WORKER_CONCURRENCY, thread_name_prefix="bench-dbos")
-    env.stack.callback(pool.shutdown)
+    with ThreadPoolExecutor(3) as starting:  # each takes seconds to start on a busy box: side by side
+        worker = starting.submit(env.start_worker, concurrency=WORKER_CONCURRENCY, name="throughput")
+        defaults = starting.submit(env.start_celery_defaults_worker, concurrency=WORKER_CONCURRENCY)
+        dbos_started = starting.submit(lambda: DbosProcesses(env, WORKER_CONCURRENCY).start())
+        peers, skipped = start_peers(env, processes=WORKER_CONCURRENCY, tag="conc")
+        worker.result(), defaults.result()
+        dbos = dbos_started.result()
+    for peer in peers.values():  # the peers run at the largest N only, after a warm-up of their own
+        peer.run(10, STEPS)
 
     levels = LEVELS[env.sizes.name]
     series: dict[str, list[float]] = {}
     figures: dict[str, Any] = {}
     variants_out: dict[str, Any] = {}
-    lost: dict[str, int] = {"dex": 0, "dbos": 0, "celery_chain": 0}
+    lost: dict[str, int] = {"dex": 0, "dbos": 0, "celery_chain": 0, "celery_chain_defaults": 0}
+    lost.update(dict.fromkeys(peers, 0))
     for n in levels:
         label = "n100" if n == levels[-1] else f"n{n}"
         sizes = _level_sizes(env.sizes, n)
         log(f"N = {n} concurrent runs ({label}); {sizes.repeats} repeats of {sizes.rounds} round(s)")
-        latencies: dict[str, list[list[float]]] = {"dex": [], "dbos": [], "celery_chain": []}
-        variants = _variants(env, client, pool, n, latencies, lost)
+        level_peers = peers if n == levels[-1] else {}
+        latencies: dict[str, list[list[float]]] = {
+            name: [] for name in lost if name in level_peers or name not in peers
+        }
+        variants = _variants(env, client, dbos, level_peers, n, latencies, lost)
         alt = alternate(variants, sizes)
         ms = {v.name: alt.ms_per_step(v) for v in variants}
         series[f"steps_per_s_{label}"] = [1000 / x for x in ms["dex"]]
-        series[f"ratio_vs_dbos_{label}"] = [d / x for x, d in zip(ms["dex"], ms["dbos"], strict=True)]
-        series[f"ratio_vs_celery_chain_{label}"] = [c / x for x, c in zip(ms["dex"], ms["celery_chain"], strict=True)]
-        series[f"dbos_steps_per_s_{label}"] = [1000 / x for x in ms["dbos"]]
-        series[f"celery_chain_steps_per_s_{label}"] = [1000 / x for x in ms["celery_chain"]]
+        for name in ms:
+            if name == "dex":
+                continue
+            series[f"ratio_vs_{name}_{label}"] = [p / x for x, p in zip(ms["dex"], ms[name], strict=True)]
+            series[f"{name}_steps_per_s_{label}"] = [1000 / x for x in ms[name]]
         for name, rounds in latencies.items():
             measured = [x for r in rounds[sizes.warmup_rounds :] for x in r]
             if measured:
@@ -90,25 +112,31 @@ def run(env: BenchEnv) -> dict:
     spreads = {name: spread(values) for name, values in series.items()}
     figures.update({name: s["median"] for name, s in spreads.items()})
     figures["lost_runs"] = lost["dex"]
-    figures["lost_runs_peers"] = lost["dbos"] + lost["celery_chain"]
-    goals_met = {name: goal_met(figures.get(name), goal) for name, goal in GOAL.items()}
+    figures["lost_runs_peers"] = sum(count for name, count in lost.items() if name != "dex")
+    goals_met, met = judge(figures, GOAL)
     return rounded(
         {
             "figures": figures,
             "goal": GOAL,
-            "met": all(goals_met.values()),
+            "met": met,
             "goals_met": goals_met,
+            "skipped_peers": skipped,
+            "not_runnable_peers": NOT_RUNNABLE,
+            "lost_by_variant": lost,
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
             "levels": variants_out,
             "sizes": {"levels": list(levels), "worker_concurrency": WORKER_CONCURRENCY, "steps": STEPS},
             "seconds": time.monotonic() - started,
             "method": (
-                "per N, variants alternate dex, dbos, celery_chain after a warm-up; a round starts N runs at once "
-                "and ends at the last completion signal; per repeat a variant's figure is the median of its "
-                "rounds; ratios = dex steps/s / peer steps/s, paired per repeat, median with min-max (`ranges`). "
-                f"Dex and Celery run on one worker process with {WORKER_CONCURRENCY} prefork children; DBOS runs "
-                f"{WORKER_CONCURRENCY} workflows at a time on a thread pool in the bench process."
+                "per N, variants alternate after a warm-up; a round starts N runs at once and ends at the last "
+                "completion; per repeat a variant's figure is the median of its rounds; ratios = dex steps/s / "
+                "peer steps/s, paired per repeat, median with min-max (`ranges`). Equal processes: Dex and the "
+                f"Celery chains run on a worker with {WORKER_CONCURRENCY} prefork processes (Celery's defaults: "
+                f"a second worker, {WORKER_CONCURRENCY} processes, prefetch 4); DBOS on {WORKER_CONCURRENCY} DBOS "
+                f"processes, each running its share of the N workflows one after another; Restate's SDK on "
+                f"hypercorn with {WORKER_CONCURRENCY} workers; Temporal's on {WORKER_CONCURRENCY} worker processes "
+                "(peers at the largest N only)."
             ),
         }
     )
@@ -120,12 +148,17 @@ def _pct(values: list[float], p: float) -> float:
 
 
 def _variants(
-    env: BenchEnv, client: Any, pool: ThreadPoolExecutor, n: int, latencies: dict, lost: dict[str, int]
+    env: BenchEnv,
+    client: Any,
+    dbos: DbosProcesses,
+    peers: dict[str, Peer],
+    n: int,
+    latencies: dict,
+    lost: dict[str, int],
 ) -> list[Variant]:
     from celery import chain
 
-    from bench.agents import NOOP_TASK_ID, done_key, noop_link
-    from bench.dbos_app import dbos_noop_workflow
+    from bench.agents import NOOP_TASK_ID, done_key, noop_link, noop_link_defaults
     from runs import services
 
     def wait_all(name: str, tokens: list[str], t0: float) -> None:
@@ -154,44 +187,48 @@ def _variants(
             tokens.append(f"dex:{run.id}")
         wait_all("dex", tokens, t0)
 
-    def chain_prepare() -> list[tuple[str, Any]]:
-        _flush_publisher()
-        out = []
-        for _i in range(n):
-            tok = uuid.uuid4().hex
-            out.append((tok, chain(*(noop_link.si(tok, i, STEPS) for i in range(STEPS)))))
-        return out
+    def chain_prepare_with(link: Any, queue: str) -> Callable[[], list[tuple[str, Any]]]:
+        def prepare() -> list[tuple[str, Any]]:
+            _flush_publisher()
+            out = []
+            for _i in range(n):
+                tok = uuid.uuid4().hex
+                out.append((tok, chain(*(link.si(tok, i, STEPS).set(queue=queue) for i in range(STEPS)))))
+            return out
 
-    def celery_chain(state: list[tuple[str, Any]]) -> None:
-        t0 = time.perf_counter()
-        for _tok, signature in state:
-            signature.apply_async()
-        wait_all("celery_chain", [tok for tok, _ in state], t0)
+        return prepare
 
-    def dbos(_: None) -> None:
-        t0 = time.perf_counter()
-        done: list[float] = []
+    def celery_chain_as(name: str) -> Callable[[list[tuple[str, Any]]], None]:
+        def run_chains(state: list[tuple[str, Any]]) -> None:
+            t0 = time.perf_counter()
+            for _tok, signature in state:
+                signature.apply_async()
+            wait_all(name, [tok for tok, _ in state], t0)
 
-        def one() -> int:
-            value = dbos_noop_workflow(STEPS)
-            done.append((time.perf_counter() - t0) * 1000)
-            return value
+        return run_chains
 
-        futures = [pool.submit(one) for _ in range(n)]
-        for future in futures:
-            try:
-                if future.result(timeout=DONE_TIMEOUT) != sum(range(STEPS)):
-                    lost["dbos"] += 1
-            except Exception as exc:  # a workflow that failed or hung is lost, not a crash of the bench
-                log(f"dbos: a workflow failed: {exc!r}")
-                lost["dbos"] += 1
-        latencies["dbos"].append(done)
+    def external(name: str, runner: DbosProcesses | Peer) -> Callable[[None], None]:
+        def run_all(_: None) -> None:
+            done, failed = runner.run(n, STEPS)
+            lost[name] += failed
+            latencies[name].append(done)
+
+        return run_all
 
     steps = n * STEPS
     return [
         Variant("dex", steps, dex, prepare=_flush_publisher),
-        Variant("dbos", steps, dbos, prepare=_flush_publisher),
-        Variant("celery_chain", steps, celery_chain, prepare=chain_prepare),
+        Variant("dbos", steps, external("dbos", dbos), prepare=_flush_publisher),
+        Variant(
+            "celery_chain", steps, celery_chain_as("celery_chain"), prepare=chain_prepare_with(noop_link, env.queue)
+        ),
+        Variant(
+            "celery_chain_defaults",
+            steps,
+            celery_chain_as("celery_chain_defaults"),
+            prepare=chain_prepare_with(noop_link_defaults, env.celery_defaults_queue),
+        ),
+        *(Variant(name, steps, external(name, peer), prepare=_flush_publisher) for name, peer in peers.items()),
     ]
 
 

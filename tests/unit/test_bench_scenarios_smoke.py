@@ -23,7 +23,13 @@ from bench import report
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 FIGURES = {
-    "throughput": ["steps_per_s_n100", "ratio_vs_dbos_n100", "ratio_vs_celery_chain_n100", "run_p99_ms_n100"],
+    "throughput": [
+        "steps_per_s_n100",
+        "ratio_vs_dbos_n100",
+        "ratio_vs_celery_chain_n100",
+        "ratio_vs_celery_chain_defaults_n100",
+        "run_p99_ms_n100",
+    ],
     "resume": ["reexecuted_steps_exception", "reexecuted_steps_sigkill", "recovery_s_sigkill"],
     "realtime": ["ws_p50_ms", "ws_p99_ms_100_clients", "ratio_p50_vs_redis", "redis_p50_ms"],
     "dashboard": ["queries_per_page", "list_p95_ms_100k", "ratio_p95_100k_vs_1k"],
@@ -49,7 +55,10 @@ def test_the_four_scenarios_run_and_write_their_figures(tmp_path: Path) -> None:
     scenarios = json.loads(out.read_text())["scenarios"]
     for name, keys in FIGURES.items():
         result = scenarios[name]
-        assert isinstance(result["met"], bool) and set(result["goal"]) <= set(result["figures"]), name
+        # Every goal has its figure, except those against a peer skipped at --tiny sizes (not measured: None).
+        unmeasured = {key for key, met in result["goals_met"].items() if met is None}
+        assert isinstance(result["met"], bool) and set(result["goal"]) - unmeasured <= set(result["figures"]), name
+        assert all(key.startswith("ratio_vs_restate") for key in unmeasured), (name, unmeasured)
         for key in keys:
             value = result["figures"][key]
             assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, key, value)
