@@ -1,50 +1,38 @@
-"""realtime: a step's commit → the step's fragment at a connected websocket client; raw Redis as the baseline.
+"""realtime: a step's commit → the step's fragment at connected websocket clients; raw Redis as the baseline.
 
-Real parts: the bench starts daphne (dexweb.asgi, its own port), a Celery worker and websocket clients (the
-`websockets` library, in this process's event loop) logged in with a session cookie, each on the run's page
-socket `/ws/runs/<id>/` (runs/web/consumers.py: the consumer renders each step event into an HTML fragment from
-Postgres and sends it).
+Real parts: the bench starts daphne (dexweb.asgi, its own port), a Celery worker, and CLIENT_PROCESSES processes
+of websocket clients (bench/ws_clients.py, the `websockets` library), none of them the server's or the bench's
+own process; the clients of a round are spread evenly over them. Each client is logged in with a session cookie
+and watches the run's page socket `/ws/runs/<id>/` (runs/web/consumers.py).
 
 The run is `bench-paced` (bench/scenario_agents.py): 10 no-op steps PAUSE apart, so each push is measured on
 its own rather than queued behind the previous step's. Per round the run is created, the clients connect and
 receive their snapshot, and only then is the run enqueued.
 
 Commit time: the worker runs with DEX_BENCH_COMMIT_LEDGER set, which wraps `runs.realtime.publish_now`: the
-engine calls it right after a step's commit statement returned (`_fenced_write`, then `publish_now` of the
-step's "completed" event), and the wrapper reads the wall clock first thing, before publishing, then appends
-(run, step key, time) to a ledger file once the publish call returned. Arrival: the client's wall clock when
-its receive loop got the message (the bench and the worker share the machine's clock). A step counts as
-arrived at the first fragment naming its row (`id="step-<pk>"`) with `status-completed`; the repaint the
-consumer sends when the run ends (it carries `id="run-<id>-steps"`) is not counted, so a lost push is lost.
+engine calls it right after a step's commit statement returned, and the wrapper reads the wall clock first
+thing, before publishing, then appends (run, step key, time) to a ledger file once the publish call returned.
+Arrival: the client process's wall clock when its receive loop got the message (every process shares the
+machine's clock). A step counts as arrived at the first fragment naming its row (`id="step-<pk>"`) with
+`status-completed`; the repaint the consumer sends when the run ends is not counted, so a lost push is lost.
 latency = arrival − commit, per client and step.
 
 Baseline, alternating with it in the same run: raw Redis PUBLISH → SUBSCRIBE on the same Redis, a publisher
-thread in this process stamping each message with the clock right before PUBLISH, subscribers
-(redis.asyncio) in the same event loop as the websocket clients, the same pace and count.
-Variants: dex_1 / dex_100 (1 / 100 websocket clients) and redis_1 / redis_100 (1 / 100 subscribers),
-alternated per round after a warm-up, 5 repeats. Per repeat: p50 of dex_1, p99 of dex_100 over every
-client's steps; `ratio_p50_vs_redis` = dex_1 p50 / redis_1 p50 paired per repeat; median with min–max.
-All clients share one event loop: at 100 clients, a message's arrival time includes waiting its turn in
-that loop (the same for the Redis subscribers, whose p99 is reported beside it).
-With --tiny the 100-client variants use 5. The 100-client variants run in the first MANY_REPEATS repeats (2 with
---quick: a 100-client round takes about a minute today, see below) and get no warm-up round of their own.
+thread in this process stamping each message with the clock right before PUBLISH, the same number of
+subscribers spread over the same client processes, the same pace and count.
+Variants, alternated per round after a warm-up, every one in each of the 5 repeats: dex_1 / dex_100 /
+dex_1000 (websocket clients) and redis_1 / redis_100 / redis_1000 (subscribers). Per repeat: p50 of dex_1,
+p99 of dex_100 and of dex_1000 over every client's steps; ratios to Redis paired per repeat; median with
+min–max. With --tiny the 100- and 1,000-client variants use 5 and 10 clients (the figures keep their names).
 
-What the 100-client figure shows. First measured 2026-11-24 at 33–40 s p99 (3.7 s on a quiet box): every
-consumer, for every step event (two per step: running, completed), fetched the step through channels'
-`database_sync_to_async`, which runs on one thread per daphne process shared by all consumers, and rendered
-its own fragment: 100 clients x 20 events were served one after another. Since then the consumers of a process
-share one read per event (runs.web.consumers.SharedReads, single-flight) and one rendering per fragment: 144 ms p99
-on a quiet box. What is left is sending 100 websocket frames per event from one event loop (daphne's and,
-in this bench, the clients' own loop too): p50 at 100 clients is ~50 ms. Raw Redis fan-out to the same 100
-subscribers stays at ~7 ms p99.
+CPU per step with one watcher: CPU seconds over the dex_1 rounds, from the enqueue to the client's last
+message, summed over the worker, daphne, every Postgres process, Redis and this process (which enqueues the run),
+per step. The steps are paced, so the worker's and daphne's idle upkeep over the round is billed too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import re
-import socket
 import sys
 import threading
 import time
@@ -53,27 +41,38 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.harness import BenchEnv, Process, goal_met, log, rounded, spread
+from bench.harness import BenchEnv, CpuMeter, LineProcess, Process, free_port, judge, log, rounded, spread
 
 NAME = "realtime"
-GOAL = {"ws_p50_ms": "<= 5", "ws_p99_ms_100_clients": "<= 50", "lost_messages": "== 0"}
+GOAL = {
+    "ws_p50_ms": "<= 5",
+    "ws_p99_ms_100_clients": "<= 50",
+    "ws_p99_ms_1000_clients": "<= 250",
+    "lost_messages": "== 0",
+}
 STEPS = 10
 PAUSE = 0.02
+CLIENT_PROCESSES = 4
 MANY = {"full": 100, "quick": 100, "tiny": 5}
+HUGE = {"full": 1000, "quick": 1000, "tiny": 10}
 REPEATS = {"full": 5, "quick": 5, "tiny": 1}
-ROUNDS_ONE = {"full": 6, "quick": 2, "tiny": 1}  # rounds per repeat of the 1-client variants
-ROUNDS_MANY = {"full": 2, "quick": 1, "tiny": 1}
-MANY_REPEATS = {"full": 5, "quick": 2, "tiny": 1}  # repeats that include the 100-client variants
+ROUNDS = {  # rounds per repeat
+    "full": {"1": 6, "many": 2, "huge": 1},
+    "quick": {"1": 2, "many": 1, "huge": 1},
+    "tiny": {"1": 1, "many": 1, "huge": 1},
+}
 WARMUP = 1
-ROUND_TIMEOUT = 60.0
+ROUND_TIMEOUT = 120.0
 
 
 def run(env: BenchEnv) -> dict:
+    import redis
+
     started = time.monotonic()
     _reset()
     ledger = env.workdir / "commit-ledger.tsv"
     ledger.touch()
-    port = _free_port()
+    port = free_port()
     daphne = Process(
         env,
         "daphne",
@@ -81,106 +80,134 @@ def run(env: BenchEnv) -> dict:
         env={"DEX_LOG_LEVEL": "INFO"},  # its "Listening on" line says it is ready
     )
     env.stack.callback(daphne.stop)
-    with ThreadPoolExecutor(2) as pool:  # both take seconds to start on a busy machine: side by side
+    clients = [
+        LineProcess(env, f"ws-clients-{i}", [sys.executable, "-m", "bench.ws_clients"]) for i in range(CLIENT_PROCESSES)
+    ]
+    with ThreadPoolExecutor(2 + len(clients)) as pool:  # each takes seconds to start on a busy machine
         worker = pool.submit(env.start_worker, name="realtime", env={"DEX_BENCH_COMMIT_LEDGER": str(ledger)})
+        started_clients = [pool.submit(c.start) for c in clients]
         pool.submit(daphne.start, ready="Listening on TCP address").result()
-        worker.result()
+        worker = worker.result()
+        for c in started_clients:
+            c.result()
     site = Site(port, _session_cookie())
-    many = MANY[env.sizes.name]
-    bench = Realtime(env, site, ledger)
+    sizes = env.sizes.name
+    many, huge = MANY[sizes], HUGE[sizes]
+    bench = Realtime(env, site, ledger, clients)
+    meter = CpuMeter(
+        env,
+        worker=worker,
+        databases=[env.database_name],
+        redis=redis.Redis.from_url(env.redis_url),
+        extra={"daphne": daphne.pids},
+    )
+    cpu: list[dict[str, float]] = []
+
+    def dex_1_metered() -> tuple[list[float], int]:
+        return bench.dex_round(1, meter=meter, cpu=cpu)
 
     variants = {
-        "dex_1": lambda: bench.dex_round(1),
+        "dex_1": dex_1_metered,
         "redis_1": lambda: bench.redis_round(1),
         "dex_many": lambda: bench.dex_round(many),
         "redis_many": lambda: bench.redis_round(many),
+        "dex_huge": lambda: bench.dex_round(huge),
+        "redis_huge": lambda: bench.redis_round(huge),
     }
-    rounds = {
-        "dex_1": ROUNDS_ONE[env.sizes.name],
-        "redis_1": ROUNDS_ONE[env.sizes.name],
-        "dex_many": ROUNDS_MANY[env.sizes.name],
-        "redis_many": ROUNDS_MANY[env.sizes.name],
-    }
-    # The 1-client rounds warm daphne, the worker and the templates up; a 100-client round costs a minute while
-    # daphne's consumers can't keep up (see the module docstring), so it gets no warm-up round of its own.
-    log(f"warm-up: {WARMUP} round of the 1-client variants")
+    rounds = {name: ROUNDS[sizes][name.split("_", 1)[1]] for name in variants}
+    log(f"warm-up: {WARMUP} round of the 1- and {many}-client variants")
     for _ in range(WARMUP):
-        for name in ("dex_1", "redis_1"):
+        for name in ("dex_1", "redis_1", "dex_many", "redis_many"):
             variants[name]()
+    cpu.clear()
     bench.lost = dict.fromkeys(variants, 0)
     samples: dict[str, list[list[float]]] = {name: [] for name in variants}
-    for r in range(REPEATS[env.sizes.name]):
+    for r in range(REPEATS[sizes]):
         for name in variants:
             samples[name].append([])
         for i in range(max(rounds.values())):
             for name, fn in variants.items():
-                if name.endswith("_many") and r >= MANY_REPEATS[env.sizes.name]:
-                    continue
                 if i < rounds[name]:
                     latencies, lost = fn()
                     samples[name][r].extend(latencies)
                     bench.lost[name] += lost
-        many_text = (
-            f", dex_{many} p99 {_pct(samples['dex_many'][r], 99):.2f} ms, "
-            f"redis_{many} p99 {_pct(samples['redis_many'][r], 99):.2f} ms"
-            if r < MANY_REPEATS[env.sizes.name]
-            else ""
-        )
         log(
-            f"repeat {r + 1}: dex_1 p50 {_pct(samples['dex_1'][r], 50):.2f} ms, redis_1 p50 "
-            f"{_pct(samples['redis_1'][r], 50):.2f} ms{many_text}"
+            f"repeat {r + 1}: dex_1 p50 {_pct(samples['dex_1'][r], 50):.2f} ms (redis "
+            f"{_pct(samples['redis_1'][r], 50):.2f}), dex_{many} p99 {_pct(samples['dex_many'][r], 99):.1f} ms "
+            f"(redis {_pct(samples['redis_many'][r], 99):.1f}), dex_{huge} p99 "
+            f"{_pct(samples['dex_huge'][r], 99):.1f} ms (redis {_pct(samples['redis_huge'][r], 99):.1f})"
         )
 
-    for name in ("dex_many", "redis_many"):
-        samples[name] = samples[name][: MANY_REPEATS[env.sizes.name]]  # the repeats they ran in
     series = {
         "ws_p50_ms": [_pct(rep, 50) for rep in samples["dex_1"]],
         "ws_p99_ms_100_clients": [_pct(rep, 99) for rep in samples["dex_many"]],
+        "ws_p99_ms_1000_clients": [_pct(rep, 99) for rep in samples["dex_huge"]],
         "redis_p50_ms": [_pct(rep, 50) for rep in samples["redis_1"]],
         "redis_p99_ms_100_clients": [_pct(rep, 99) for rep in samples["redis_many"]],
+        "redis_p99_ms_1000_clients": [_pct(rep, 99) for rep in samples["redis_huge"]],
         "ws_p99_ms": [_pct(rep, 99) for rep in samples["dex_1"]],
         "ws_p50_ms_100_clients": [_pct(rep, 50) for rep in samples["dex_many"]],
+        "ws_p50_ms_1000_clients": [_pct(rep, 50) for rep in samples["dex_huge"]],
     }
     series["ratio_p50_vs_redis"] = [a / b for a, b in zip(series["ws_p50_ms"], series["redis_p50_ms"], strict=True)]
-    series["ratio_p99_100_clients_vs_redis"] = [
-        a / b for a, b in zip(series["ws_p99_ms_100_clients"], series["redis_p99_ms_100_clients"], strict=True)
-    ]
+    for clients_n in ("100", "1000"):
+        series[f"ratio_p99_{clients_n}_clients_vs_redis"] = [
+            a / b
+            for a, b in zip(
+                series[f"ws_p99_ms_{clients_n}_clients"], series[f"redis_p99_ms_{clients_n}_clients"], strict=True
+            )
+        ]
     spreads = {name: spread(values) for name, values in series.items()}
     figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
-    figures["lost_messages"] = bench.lost["dex_1"] + bench.lost["dex_many"]
-    figures["lost_messages_redis"] = bench.lost["redis_1"] + bench.lost["redis_many"]
+    figures["lost_messages"] = sum(v for k, v in bench.lost.items() if k.startswith("dex"))
+    figures["lost_messages_redis"] = sum(v for k, v in bench.lost.items() if k.startswith("redis"))
     figures["clients_many"] = many
-    goals_met = {name: goal_met(figures.get(name), goal) for name, goal in GOAL.items()}
+    figures["clients_huge"] = huge
+    cpu_parts: dict[str, float] = {}
+    for delta in cpu:
+        for part, seconds in delta.items():
+            cpu_parts[part] = cpu_parts.get(part, 0.0) + seconds
+    cpu_per_step = {part: s * 1000 / (len(cpu) * STEPS) for part, s in cpu_parts.items()} if cpu else {}
+    if cpu_per_step:
+        figures["cpu_ms_per_step_1_watcher"] = sum(cpu_per_step.values())
+    goals_met, met = judge(figures, GOAL)
     return rounded(
         {
             "figures": figures,
             "goal": GOAL,
-            "met": all(goals_met.values()),
+            "met": met,
             "goals_met": goals_met,
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
             "messages": {name: sum(len(rep) for rep in reps) for name, reps in samples.items()},
             "lost_by_variant": bench.lost,
+            "cpu_ms_per_step_1_watcher": cpu_per_step,
             "sizes": {
                 "steps": STEPS,
                 "pause_s": PAUSE,
                 "clients_many": many,
-                "repeats": REPEATS[env.sizes.name],
+                "clients_huge": huge,
+                "client_processes": CLIENT_PROCESSES,
+                "repeats": REPEATS[sizes],
                 "rounds": rounds,
             },
             "seconds": time.monotonic() - started,
             "missed_because": (
-                "one read and one rendering per event are shared by all the watchers of a run in a daphne process, "
-                "but each client's frame is still sent from one event loop, one after another (and this bench's "
-                "100 clients share one loop too): p99 at 100 clients is a few hundred ms where raw Redis fans "
-                "out in ~7 ms. Several daphne processes behind a proxy spread the watchers."
+                "each daphne consumer watching a run reads the step and renders its own fragment per event (one "
+                "read and one rendering are shared per process, single-flight), then its frame is sent from "
+                "daphne's one event loop, one socket after another; events that carry what changed, rendered "
+                "once per process, are issue 14's realtime half."
             ),
             "method": (
                 "commit = worker's wall clock read first thing in runs.realtime.publish_now, which the engine "
-                "calls right after the step's commit returned; arrival = client's wall clock on receipt of the "
-                "step's first completed fragment (the end-of-run repaint excluded). Variants alternate per round "
-                "after a warm-up; p50/p99 per repeat over all clients' steps; ratios paired per repeat, median "
-                "with min-max. Baseline: PUBLISH (stamped just before) -> SUBSCRIBE on the same Redis."
+                "calls right after the step's commit returned; arrival = the client process's wall clock on "
+                "receipt of the step's first completed fragment (the end-of-run repaint excluded). Clients and "
+                f"Redis subscribers are spread over {CLIENT_PROCESSES} processes of their own. Variants "
+                "alternate per round after a warm-up; p50/p99 per repeat over all clients' steps; ratios paired "
+                "per repeat, median with min-max. Baseline: PUBLISH (stamped just before) -> SUBSCRIBE on the "
+                "same Redis. cpu_ms_per_step_1_watcher: CPU from enqueue to the last message of the dex_1 "
+                "rounds (worker, daphne, every Postgres process, Redis, this process) per step, paced steps: "
+                "idle upkeep included."
             ),
         }
     )
@@ -191,12 +218,6 @@ def _reset() -> None:
 
     with connection.cursor() as cur:
         cur.execute("TRUNCATE runs_run CASCADE")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _session_cookie() -> str:
@@ -227,22 +248,45 @@ class Site:
         return f"ws://127.0.0.1:{self.port}{path}"
 
 
-_STEP_ROW = re.compile(r'id="step-(\d+)"')
-
-
 class Realtime:
-    def __init__(self, env: BenchEnv, site: Site, ledger: Path):
+    def __init__(self, env: BenchEnv, site: Site, ledger: Path, clients: list[LineProcess]):
         self.env = env
         self.site = site
         self.ledger = ledger
+        self.clients = clients
         self.lost: dict[str, int] = {}
 
+    def _spread(self, request: dict, n: int) -> list[LineProcess]:
+        """Send `request` to the client processes, n clients shared out evenly; wait until all are connected."""
+        shares = [n // len(self.clients) + (1 if i < n % len(self.clients) else 0) for i in range(len(self.clients))]
+        busy = [(proc, share) for proc, share in zip(self.clients, shares, strict=True) if share]
+        for proc, share in busy:
+            proc.send({**request, "clients": share, "timeout": ROUND_TIMEOUT})
+        for proc, _share in busy:
+            answer = proc.receive(ROUND_TIMEOUT)
+            if "connected" not in answer:
+                raise RuntimeError(f"{proc.name}: {answer}")
+        return [proc for proc, _share in busy]
+
+    @staticmethod
+    def _results(procs: list[LineProcess]) -> list[dict]:
+        answers = [proc.receive(ROUND_TIMEOUT + 30) for proc in procs]
+        for proc, answer in zip(procs, answers, strict=True):
+            if "error" in answer:
+                raise RuntimeError(f"{proc.name}: {answer['error']}")
+        return answers
+
     # -- Dex: worker → Redis → daphne → websocket ---------------------------------------------------------------
-    def dex_round(self, clients: int) -> tuple[list[float], int]:
+    def dex_round(
+        self, clients: int, *, meter: CpuMeter | None = None, cpu: list | None = None
+    ) -> tuple[list[float], int]:
+        """One run watched by `clients` clients; with a `meter`, the CPU from the enqueue to the clients' last
+        message (connecting and the snapshot left out) is appended to `cpu`."""
         from django.utils import timezone
 
         from bench.scenario_agents import PACED_TASK_ID
         from runs.models import Run, Step
+        from runs.tasks import execute_run
 
         run = Run.objects.create(
             task_id=PACED_TASK_ID,
@@ -251,29 +295,35 @@ class Realtime:
             enqueued_at=timezone.now(),
         )
         run_id = str(run.id)
-        logs = asyncio.run(self._watch(run_id, clients))
+        request = {
+            "op": "watch",
+            "url": self.site.ws_url(f"/ws/runs/{run_id}/"),
+            "origin": self.site.origin,
+            "cookie": self.site.cookie,
+            "run_id": run_id,
+        }
+        procs = self._spread(request, clients)
+        before = meter.read() if meter else None
+        execute_run.apply_async(args=[run_id], queue=self.env.queue)
+        answers = self._results(procs)
+        if meter and cpu is not None:
+            cpu.append(meter.delta(before, meter.read()))
         deadline = time.monotonic() + ROUND_TIMEOUT
         while Run.objects.values_list("status", flat=True).get(pk=run_id) != "completed":
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the realtime run {run_id} did not complete")
             time.sleep(0.05)
-        keys = dict(Step.objects.filter(run_id=run_id).values_list("id", "key"))
+        keys = {str(pk): key for pk, key in Step.objects.filter(run_id=run_id).values_list("id", "key")}
         committed = self._commits(run_id)
         if len(committed) != STEPS:
             raise RuntimeError(f"the commit ledger has {len(committed)} of {STEPS} steps of {run_id}")
         latencies: list[float] = []
         lost = 0
-        for messages in logs:
-            arrived: dict[str, float] = {}
-            for at, text in messages:
-                if f'id="run-{run_id}-steps"' in text or "status-completed" not in text:
-                    continue
-                for pk in _STEP_ROW.findall(text):
-                    key = keys.get(int(pk))
-                    if key is not None and key not in arrived:
-                        arrived[key] = at
-            lost += STEPS - len(arrived)
-            latencies.extend((at - committed[key]) * 1000 for key, at in arrived.items())
+        for answer in answers:
+            for arrived in answer["arrivals"]:
+                seen = {keys[pk]: at for pk, at in arrived.items() if pk in keys}
+                lost += STEPS - len(seen)
+                latencies.extend((at - committed[key]) * 1000 for key, at in seen.items())
         return latencies, lost
 
     def _commits(self, run_id: str) -> dict[str, float]:
@@ -284,92 +334,25 @@ class Realtime:
                 out.setdefault(key, float(at))
         return out
 
-    async def _watch(self, run_id: str, clients: int) -> list[list[tuple[float, str]]]:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
-
-        from runs.tasks import execute_run
-
-        headers = {"Cookie": self.site.cookie}
-        url = self.site.ws_url(f"/ws/runs/{run_id}/")
-        sockets = []
-        try:
-            # Connect in batches: daphne renders a snapshot per connection.
-            for first in range(0, clients, 20):
-                batch = range(first, min(clients, first + 20))
-                sockets += await asyncio.gather(
-                    *(connect(url, origin=self.site.origin, additional_headers=headers, max_size=None) for _ in batch)
-                )
-            snapshots = await asyncio.gather(*(asyncio.wait_for(ws.recv(), 30) for ws in sockets))
-            if not all(f'id="run-{run_id}-steps"' in s for s in snapshots):
-                raise RuntimeError("a client's first message was not the run's snapshot")
-            logs: list[list[tuple[float, str]]] = [[] for _ in sockets]
-            marker = f'id="run-{run_id}-steps"'
-
-            async def read(i: int, ws: Any) -> None:
-                try:
-                    while True:
-                        text = await ws.recv()
-                        logs[i].append((time.time(), text))
-                        if marker in text:  # the repaint when the run ended: nothing more comes
-                            return
-                except ConnectionClosed:
-                    return
-
-            readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(sockets)]
-            await asyncio.to_thread(execute_run.apply_async, args=[run_id], queue=self.env.queue)
-            done, pending = await asyncio.wait(readers, timeout=ROUND_TIMEOUT)
-            for task in pending:
-                task.cancel()
-            return logs
-        finally:
-            await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-
     # -- the baseline: raw Redis PUBLISH → SUBSCRIBE ---------------------------------------------------------
     def redis_round(self, subscribers: int) -> tuple[list[float], int]:
-        return asyncio.run(self._redis(subscribers))
-
-    async def _redis(self, subscribers: int) -> tuple[list[float], int]:
         import redis
-        import redis.asyncio as aioredis
 
         channel = f"dexbench:{self.env.session}:rt:{uuid.uuid4().hex}"
-        clients = [aioredis.Redis.from_url(self.env.redis_url) for _ in range(subscribers)]
-        pubsubs = [c.pubsub() for c in clients]
-        try:
-            for ps in pubsubs:
-                await ps.subscribe(channel)
-                await ps.get_message(timeout=3)  # the subscribe confirmation
-            arrivals: list[list[tuple[float, bytes]]] = [[] for _ in pubsubs]
+        request = {"op": "redis", "url": self.env.redis_url, "channel": channel, "expect": STEPS}
+        procs = self._spread(request, subscribers)
 
-            async def read(i: int, ps: Any) -> None:
-                while len(arrivals[i]) < STEPS:
-                    message = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is not None:
-                        arrivals[i].append((time.time(), message["data"]))
+        def publish() -> None:
+            publisher = redis.Redis.from_url(self.env.redis_url)
+            try:
+                for _ in range(STEPS):
+                    time.sleep(PAUSE)
+                    publisher.publish(channel, f"{time.time():.6f}")
+            finally:
+                publisher.close()
 
-            readers = [asyncio.create_task(read(i, ps)) for i, ps in enumerate(pubsubs)]
-
-            def publish() -> None:
-                publisher = redis.Redis.from_url(self.env.redis_url)
-                try:
-                    for _ in range(STEPS):
-                        time.sleep(PAUSE)
-                        publisher.publish(channel, f"{time.time():.6f}")
-                finally:
-                    publisher.close()
-
-            thread = threading.Thread(target=publish, daemon=True)
-            thread.start()
-            done, pending = await asyncio.wait(readers, timeout=ROUND_TIMEOUT)
-            for task in pending:
-                task.cancel()
-            thread.join(timeout=10)
-        finally:
-            for ps in pubsubs:
-                await ps.aclose()
-            for c in clients:
-                await c.aclose()
-        latencies = [(at - float(data)) * 1000 for got in arrivals for at, data in got]
-        lost = sum(STEPS - len(got) for got in arrivals)
-        return latencies, lost
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        answers = self._results(procs)
+        thread.join(timeout=10)
+        return [x for a in answers for x in a["latencies_ms"]], sum(int(a["lost"]) for a in answers)

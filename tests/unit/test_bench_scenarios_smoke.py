@@ -31,7 +31,7 @@ FIGURES = {
         "run_p99_ms_n100",
     ],
     "resume": ["reexecuted_steps_exception", "reexecuted_steps_sigkill", "recovery_s_sigkill"],
-    "realtime": ["ws_p50_ms", "ws_p99_ms_100_clients", "ratio_p50_vs_redis", "redis_p50_ms"],
+    "realtime": ["ws_p50_ms", "ws_p99_ms_100_clients", "ws_p99_ms_1000_clients", "ratio_p50_vs_redis", "redis_p50_ms"],
     "dashboard": ["queries_per_page", "list_p95_ms_100k", "ratio_p95_100k_vs_1k"],
 }
 
