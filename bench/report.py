@@ -1,17 +1,18 @@
-"""Render the benchmark results into README.md and docs/bench.svg.
+"""Render one benchmark run's results into README.md and docs/bench.svg.
 
-    uv run python bench/report.py bench/results/latest.json
+    uv run python bench/report.py                        # bench/results/readme.json (and faults.json)
     uv run python bench/report.py RESULTS --readme OTHER.md --svg OTHER.svg   # anywhere else (the smoke test)
 
-`bench/run.py` calls it after a run that wrote the default result file. Results of several runs are merged per
-scenario: besides the given file, every `<scenario>.json` next to it (run.py writes one per scenario it ran)
-is read and the newest entry of each scenario wins, so `run.py --only X` updates X and keeps the others.
+`bench/run.py` calls it after a run of every README scenario (and after a run of `faults`). One run, one
+table (shared BENCH.md): the table is made from the one result file given, never merged with another run's.
 
-README.md gets two generated blocks, each between its markers (created at the end of the file if missing):
-  <!-- bench:begin --> … <!-- bench:end -->    one table of every scenario of shared BENCH.md: the headline
-      figures (ratios against their baseline where BENCH.md defines one), the goal, met ✔ / ✘, the range over
-      repeats, and a line saying on what machine, when and at which sizes they were measured
-  <!-- faults:begin --> … <!-- faults:end -->  the reliability table of the `faults` scenario, if it has run
+README.md gets generated blocks, each between its markers (created at the end of the file if missing):
+  <!-- bench:begin --> … <!-- bench:end -->    the engines side by side (ms per step, 10 sequential no-op
+      steps; steps/s, 100 concurrent 10-step runs), then one table of every scenario of shared BENCH.md: the
+      headline figures (ratios against their baseline where BENCH.md defines one), the goal, met ✔ / ✘ and by
+      how much a missed one misses, the range over repeats; under it the run's load average (`uptime`, before
+      and after), Postgres version, commit floor, which peers were skipped and why
+  <!-- faults:begin --> … <!-- faults:end -->  the reliability table of the `faults` scenario, if the file has it
 docs/bench.svg is a bar per goal: the figure over its goal's bound (for "≥" goals the bound over the figure), so
 1.0 is the goal line and a bar left of it is a goal met; counts that must be 0 are shown as met / not met.
 No third-party dependency: the SVG is written by hand.
@@ -35,6 +36,51 @@ BENCH_BEGIN, BENCH_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 FAULTS_BEGIN, FAULTS_END = "<!-- faults:begin -->", "<!-- faults:end -->"
 
 ORDER = ["step_overhead", "throughput", "resume", "realtime", "parked", "dashboard", "llm_savings"]
+DEFAULT_RESULTS = ROOT / "bench" / "results" / "readme.json"
+FAULTS_RESULTS = ROOT / "bench" / "results" / "faults.json"
+# The engines side by side: (name, what, sequential ms-per-step figure, steps/s figure at N=100).
+ENGINES = [
+    ("Dex", "end to end: trigger → worker → completed", "dex_ms_per_step", "steps_per_s_n100"),
+    ("Dex, engine alone", "`run_execute` in process", "dex_inprocess_ms_per_step", None),
+    ("DBOS Transact", "one DBOS process per Dex worker process", "dbos_ms_per_step", "dbos_steps_per_s_n100"),
+    (
+        "Restate",
+        "server (WAL fsync on) + Python SDK under hypercorn",
+        "restate_ms_per_step",
+        "restate_steps_per_s_n100",
+    ),
+    (
+        "Temporal, activities",
+        "dev server, SQLite synchronous=FULL",
+        "temporal_activities_ms_per_step",
+        "temporal_activities_steps_per_s_n100",
+    ),
+    ("Temporal, local activities", "same server", "temporal_local_ms_per_step", "temporal_local_steps_per_s_n100"),
+    (
+        "Temporal, tuned dev server",
+        "activities; history-queue poll rates raised",
+        "temporal_tuned_ms_per_step",
+        "temporal_tuned_steps_per_s_n100",
+    ),
+    (
+        "Celery chain (not durable)",
+        "Dex's settings: acks_late, prefetch 1",
+        "celery_chain_ms_per_step",
+        "celery_chain_steps_per_s_n100",
+    ),
+    (
+        "Celery chain (not durable)",
+        "Celery's defaults: prefetch 4",
+        "celery_chain_defaults_ms_per_step",
+        "celery_chain_defaults_steps_per_s_n100",
+    ),
+]
+PEER_FOR_ENGINE = {
+    "Restate": "restate",
+    "Temporal, activities": "temporal_activities",
+    "Temporal, local activities": "temporal_local",
+    "Temporal, tuned dev server": "temporal_tuned",
+}
 TITLES = {
     "step_overhead": "Step overhead (10 no-op steps)",
     "throughput": "Throughput (N concurrent 10-step runs)",
@@ -49,16 +95,25 @@ TITLES = {
 HEADLINES: dict[str, list[tuple[str, str, str]]] = {
     "step_overhead": [
         ("dex_ms_per_step", "ms per durable step, end to end", ""),
-        ("ratio_vs_dbos", "time per step", "DBOS Transact workflow step"),
+        ("ratio_vs_dbos", "time per step, end to end", "DBOS Transact workflow step"),
+        ("ratio_inprocess_vs_dbos", "time per step, engine in process", "DBOS Transact workflow step"),
+        ("ratio_vs_restate", "time per step, end to end", "Restate (WAL fsync on)"),
         ("ratio_vs_celery_chain", "time per step", "Celery chain link (not durable)"),
-        ("ratio_vs_commit_floor", "time per step", "one fsync'd INSERT+COMMIT"),
-        ("fraction_of_pgbench_floor", "single-chain steps/s", "pgbench replaying the step's SQL"),
-        ("write_commits_per_step", "write commits per step", ""),
+        ("ratio_inprocess_vs_commit_floor", "time per step, engine in process", "one-row INSERT commit (prepared)"),
+        ("write_commits_per_step", "write commits per step, whole run (trigger, claim, settle counted)", ""),
+        ("write_commits_per_step_marginal", "write commits per step, steady state", ""),
+        ("cpu_ms_per_step", "CPU ms per step, all processes", ""),
+        ("ratio_vs_commit_floor", "time per step, end to end", "one-row INSERT commit (prepared)"),
+        ("ratio_vs_temporal_local", "time per step", "Temporal, local activities"),
+        ("fraction_of_pgbench_floor", "single-chain steps/s", "pgbench -M prepared, one-row INSERT"),
+        ("dbos_write_commits_per_step", "DBOS write commits per step", ""),
     ],
     "throughput": [
         ("steps_per_s_n100", "steps/s, 100 concurrent runs", ""),
-        ("ratio_vs_dbos_n100", "steps/s at N=100", "DBOS, same concurrency"),
-        ("ratio_vs_celery_chain_n100", "steps/s at N=100", "Celery chains, same worker"),
+        ("ratio_vs_dbos_n100", "steps/s at N=100", "DBOS, same number of processes"),
+        ("ratio_vs_restate_n100", "steps/s at N=100", "Restate, same number of SDK processes"),
+        ("ratio_vs_celery_chain_n100", "steps/s at N=100", "Celery chains, Dex's settings"),
+        ("ratio_vs_celery_chain_defaults_n100", "steps/s at N=100", "Celery chains, Celery's defaults"),
         ("ratio_vs_dbos_n10", "steps/s at N=10", "DBOS"),
         ("ratio_vs_dbos_n1", "steps/s at N=1", "DBOS"),
         ("run_p99_ms_n100", "run latency p99 at N=100 (ms)", ""),
@@ -75,8 +130,11 @@ HEADLINES: dict[str, list[tuple[str, str, str]]] = {
         ("ws_p50_ms", "commit → message p50, 1 client (ms)", ""),
         ("ratio_p50_vs_redis", "p50 latency", "raw Redis PUBLISH→SUBSCRIBE"),
         ("ws_p99_ms_100_clients", "p99 at 100 clients (ms)", ""),
+        ("ws_p99_ms_1000_clients", "p99 at 1,000 clients (ms)", ""),
         ("ratio_p99_100_clients_vs_redis", "p99 at 100 clients", "raw Redis, 100 subscribers"),
+        ("ratio_p99_1000_clients_vs_redis", "p99 at 1,000 clients", "raw Redis, 1,000 subscribers"),
         ("lost_messages", "lost messages", ""),
+        ("cpu_ms_per_step_1_watcher", "CPU ms per (paced) step, 1 watcher, daphne included", ""),
     ],
     "parked": [
         ("worker_slots_held", "worker slots held while parked", ""),
@@ -117,27 +175,9 @@ FAULT_COLUMNS = [
 
 
 def load(path: Path) -> dict:
-    """The document at `path` with, per scenario, the newest entry among it and the `<scenario>.json` files
-    beside it."""
-    document: dict = json.loads(path.read_text()) if path.exists() else {"scenarios": {}}
-    scenarios: dict[str, dict] = dict(document.get("scenarios", {}))
-    for other in sorted(path.parent.glob("*.json")):
-        if other.resolve() == path.resolve():
-            continue
-        try:
-            entry = json.loads(other.read_text())
-        except (ValueError, OSError):
-            continue
-        if not isinstance(entry, dict):
-            continue
-        # bench/run.py's per-scenario file, or another run's whole result file (`run.py --out bench/results/X.json`)
-        found = {str(entry["scenario"]): entry.get("result")} if "scenario" in entry else entry.get("scenarios") or {}
-        for name, result in found.items():
-            if not isinstance(result, dict):
-                continue
-            if name not in scenarios or str(result.get("when", "")) > str(scenarios[name].get("when", "")):
-                scenarios[name] = result
-    # --tiny results only prove the harness runs (the smoke tests): they never reach the README.
+    """The document of one run (bench/run.py's result file); --tiny results never reach the README."""
+    document: dict = json.loads(path.read_text())
+    scenarios = document.get("scenarios", {})
     document["scenarios"] = {name: r for name, r in scenarios.items() if sizes_of(r) != "tiny"}
     return document
 
@@ -192,6 +232,20 @@ def _rows(name: str, result: dict) -> list[dict]:
     rows = []
     for key in keys:
         if key not in figures:
+            if key in goals:  # a goal against a peer that was skipped: said, not dropped
+                what, base = known.get(key, (key.replace("_", " "), ""))
+                rows.append(
+                    {
+                        "key": key,
+                        "what": what,
+                        "baseline": base,
+                        "value": None,
+                        "range": None,
+                        "goal": goals[key],
+                        "met": None,
+                        "unmeasured": True,
+                    }
+                )
             continue
         what, base = known.get(key, (key.replace("_", " "), ""))
         rows.append(
@@ -208,7 +262,33 @@ def _rows(name: str, result: dict) -> list[dict]:
     return rows
 
 
+def missed_by(value: float, goal: str) -> str:
+    """How far a figure is from its goal, in words: "by 16 %", "6.1× the bound", "by 3"."""
+    match = _BOUND.match(goal)
+    if not match:
+        return ""
+    op, bound = match.group(1), float(match.group(2))
+    if bound == 0 or op == "==":
+        return f"by {fmt(abs(value - bound))}"
+    if op in ("<=", "<"):
+        factor = value / bound
+        return f"{factor:.2g}× the bound" if factor >= 2 else f"by {(factor - 1) * 100:.0f} %"
+    if value <= 0:
+        return "nothing measured"
+    return f"by {(1 - value / bound) * 100:.0f} %" if value / bound > 0.5 else f"{bound / value:.2g}× short"
+
+
+def _met_cell(row: dict) -> str:
+    if row.get("unmeasured"):
+        return "not measured"
+    if row["met"] is None:
+        return ""
+    return "✔" if row["met"] else f"✘ {missed_by(row['value'], row['goal'])}"
+
+
 def _value_cell(row: dict) -> str:
+    if row.get("unmeasured"):
+        return "–"
     text = fmt(row["value"])
     if row["baseline"]:
         text += "×"
@@ -222,12 +302,49 @@ def _when(result: dict) -> str:
     return str(result.get("when", ""))[:10]
 
 
+def engines_table(document: dict) -> str | None:
+    """Every engine of the run side by side: ms per step (10 sequential no-op steps) and steps/s (100
+    concurrent 10-step runs), each from this run's alternation."""
+    scenarios = document.get("scenarios", {})
+    step, through = scenarios.get("step_overhead", {}), scenarios.get("throughput", {})
+    if not step and not through:
+        return None
+    skipped = {**step.get("skipped_peers", {}), **through.get("skipped_peers", {})}
+    not_runnable = step.get("not_runnable_peers") or through.get("not_runnable_peers") or {}
+    lines = [
+        "| engine | how it ran | ms per step, 10 sequential no-op steps <sub>(min–max)</sub> "
+        "| steps/s, 100 concurrent 10-step runs <sub>(min–max)</sub> |",
+        "|---|---|---|---|",
+    ]
+
+    def cell(result: dict, key: str | None) -> str:
+        if not key or key not in result.get("figures", {}):
+            return "–"
+        span = result.get("ranges", {}).get(key)
+        text = fmt(result["figures"][key])
+        return text + (f" <sub>({fmt(span[0])}–{fmt(span[1])})</sub>" if span and span[0] != span[1] else "")
+
+    for name, how, seq, conc in ENGINES:
+        peer = PEER_FOR_ENGINE.get(name)
+        if peer and peer in skipped and seq not in step.get("figures", {}):
+            lines.append(f"| {name} | skipped: {_esc(skipped[peer])} | – | – |")
+            continue
+        lines.append(f"| {name} | {how} | {cell(step, seq)} | {cell(through, conc)} |")
+    for name, why in not_runnable.items():
+        lines.append(f"| {name.capitalize()} | can't run here: {_esc(why)} | – | – |")
+    return "\n".join(lines)
+
+
 def bench_table(document: dict) -> str:
     scenarios = document.get("scenarios", {})
     names = [n for n in ORDER if n in scenarios] + [n for n in scenarios if n not in ORDER and n != "faults"]
     if not names:
         return "_No benchmark results yet: run `uv run python bench/run.py --quick`._"
-    lines = [
+    lines = []
+    engines = engines_table(document)
+    if engines:
+        lines += [engines, ""]
+    lines += [
         "| scenario | figure | value <sub>(min–max over repeats)</sub> | against | goal | met |",
         "|---|---|---|---|---|---|",
     ]
@@ -235,14 +352,19 @@ def bench_table(document: dict) -> str:
         result = scenarios[name]
         for i, row in enumerate(_rows(name, result)):
             scenario = f"**{TITLES.get(name, name)}** <sub>`{name}`</sub>" if i == 0 else ""
-            mark = "" if row["met"] is None else ("✔" if row["met"] else "✘")
             lines.append(
                 f"| {scenario} | {row['what']} | {_value_cell(row)} | {_esc(row['baseline'])} | "
-                f"{_esc(_goal_text(row['goal']))} | {mark} |"
+                f"{_esc(_goal_text(row['goal']))} | {_met_cell(row)} |"
             )
     goals = [m for n in names for m in scenarios[n].get("goals_met", {}).values()]
+    measured = [m for m in goals if m is not None]
+    unmeasured = len(goals) - len(measured)
     lines.append("")
-    lines.append(f"**{sum(goals)} of {len(goals)} goals met.** {_provenance(document, names)}")
+    lines.append(
+        f"**{sum(measured)} of {len(measured)} goals met**"
+        + (f" ({unmeasured} not measured: their peer was skipped)" if unmeasured else "")
+        + f". {_provenance(document, names)}"
+    )
     # Why a goal is missed, where the scenario knows (its result's `missed_because`).
     why = [
         f"- `{n}`: {_esc(str(scenarios[n]['missed_because']))}"
@@ -255,23 +377,54 @@ def bench_table(document: dict) -> str:
     lines.append(
         "Ratios (×) are Dex's figure over the baseline's, measured side by side in the same run (variants "
         "alternated after a warm-up, 5 repeats, median with min–max; shared BENCH.md). For throughput a ratio "
-        "above 1 means Dex is faster; for times below 1 means Dex is faster."
+        "above 1 means Dex is faster; for times below 1 means Dex is faster. Every engine gets as many OS "
+        "processes as Dex's worker has; fsync and synchronous_commit stay on."
     )
     lines.append("")
     lines.append("![Dex benchmark figures against their goals](docs/bench.svg)")
     return "\n".join(lines)
 
 
+def _load_text(load: Any) -> str:
+    if isinstance(load, dict):
+        load = load.get("load")
+    if isinstance(load, list) and len(load) == 3:
+        return " / ".join(f"{x:.2f}" for x in load)
+    return "unknown"
+
+
 def _provenance(document: dict, names: list[str]) -> str:
     scenarios = document["scenarios"]
-    dates = sorted({_when(scenarios[n]) for n in names if _when(scenarios[n])})
-    sizes = sorted({sizes_of(scenarios[n]) for n in names} - {""})
-    machines = sorted({str(scenarios[n].get("machine") or document.get("machine", "")) for n in names} - {""})
-    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "unknown date"
-    return (
-        f"Measured {when} ({', '.join(sizes) or 'unknown'} sizes) on {'; '.join(machines) or 'an unknown machine'}. "
-        "Regenerate with `uv run python bench/run.py` (writes this table and the chart)."
+    when = str(document.get("when", ""))[:10] or "an unknown date"
+    sizes = str(document.get("sizes", "")) or ", ".join(sorted({sizes_of(scenarios[n]) for n in names} - {""}))
+    parts = [f"Measured {when} in one `{document.get('command') or 'bench/run.py'}` run ({sizes} sizes"]
+    if document.get("seconds"):
+        parts[-1] += f", {float(document['seconds']) / 60:.1f} min"
+    parts[-1] += f") on {document.get('machine') or 'an unknown machine'}."
+    if document.get("postgres"):
+        parts.append(f"{document['postgres']}.")
+    before, after = document.get("load_before"), document.get("load_after")
+    if before or after:
+        parts.append(f"Load average (1/5/15 min, `uptime`): {_load_text(before)} before, {_load_text(after)} after.")
+    floor = scenarios.get("step_overhead", {}).get("figures", {})
+    if "commit_floor_ms" in floor:
+        text = f"Commit floor: {fmt(floor['commit_floor_ms'])} ms (a prepared one-row INSERT in autocommit)"
+        if "pgbench_floor_tps" in floor:
+            text += f", pgbench -M prepared {fmt(floor['pgbench_floor_tps'])} commits/s"
+        parts.append(text + ".")
+    skipped = {}
+    for n in names:
+        skipped.update(scenarios[n].get("skipped_peers", {}))
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for peer, why in skipped.items():
+            reasons.setdefault(why, []).append(peer)
+        parts.append("Peers skipped: " + "; ".join(f"{', '.join(p)} ({_esc(why)})" for why, p in reasons.items()) + ".")
+    parts.append(
+        "Regenerate with `uv run python bench/run.py --quick` (writes this table, the chart and "
+        "bench/results/readme.json)."
     )
+    return " ".join(parts)
 
 
 def faults_table(document: dict) -> str | None:
@@ -390,35 +543,43 @@ def svg(document: dict) -> str:
 
 
 def render(results: Path, readme: Path = README, chart: Path = SVG) -> None:
+    """Render the one run in `results` into `readme` (the tables its scenarios make) and, if it has the README
+    table's scenarios, `chart`."""
     document = load(results)
     text = readme.read_text() if readme.exists() else ""
-    text = replace_block(text, BENCH_BEGIN, BENCH_END, bench_table(document))
+    table_scenarios = [n for n in document["scenarios"] if n != "faults"]
+    if table_scenarios:
+        text = replace_block(text, BENCH_BEGIN, BENCH_END, bench_table(document))
     faults = faults_table(document)
-    if faults is not None and FAULTS_BEGIN not in text:
-        # A first reliability table goes right after the results table.
-        text = text.replace(BENCH_END, f"{BENCH_END}\n\n{FAULTS_BEGIN}\n{FAULTS_END}", 1)
-    if faults is not None or FAULTS_BEGIN in text:
-        text = replace_block(
-            text,
-            FAULTS_BEGIN,
-            FAULTS_END,
-            faults or "_The `faults` scenario has not run yet: `bench/run.py --only faults`._",
-        )
+    if faults is not None:
+        if FAULTS_BEGIN not in text:
+            # A first reliability table goes right after the results table.
+            text = text.replace(BENCH_END, f"{BENCH_END}\n\n{FAULTS_BEGIN}\n{FAULTS_END}", 1)
+        text = replace_block(text, FAULTS_BEGIN, FAULTS_END, faults)
     readme.write_text(text)
-    chart.parent.mkdir(parents=True, exist_ok=True)
-    chart.write_text(svg(document))
+    if table_scenarios:
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        chart.write_text(svg(document))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render benchmark results into the README and a chart.")
-    parser.add_argument("results", type=Path, nargs="?", default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "results",
+        type=Path,
+        nargs="*",
+        help=f"result files of single runs (default: {DEFAULT_RESULTS.name}, and {FAULTS_RESULTS.name} if present)",
+    )
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--svg", type=Path, default=SVG)
     args = parser.parse_args(argv)
-    if not args.results.exists() and not list(args.results.parent.glob("*.json")):
-        print(f"no results at {args.results}", file=sys.stderr)
+    results = args.results or [p for p in (DEFAULT_RESULTS, FAULTS_RESULTS) if p.exists()]
+    missing = [p for p in results if not p.exists()]
+    if not results or missing:
+        print(f"no results at {missing[0] if missing else DEFAULT_RESULTS}", file=sys.stderr)
         return 1
-    render(args.results, args.readme, args.svg)
+    for path in results:
+        render(path, args.readme, args.svg)
     print(f"wrote {args.readme} and {args.svg}", file=sys.stderr)
     return 0
 

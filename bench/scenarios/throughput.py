@@ -123,6 +123,11 @@ def run(env: BenchEnv) -> dict:
             "skipped_peers": skipped,
             "not_runnable_peers": NOT_RUNNABLE,
             "lost_by_variant": lost,
+            "missed_because": (
+                "on 2 cores CPU binds before Postgres's commits do: Dex's worker processes, Postgres and the "
+                "trigger share them, so steps/s follows CPU per step (step_overhead's cpu_ms_per_step) and the "
+                "per-run fixed cost (trigger, claim, settle); cutting both is issue 14's engine half."
+            ),
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
             "levels": variants_out,

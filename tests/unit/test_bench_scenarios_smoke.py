@@ -83,30 +83,52 @@ SAMPLE = {
     "machine": "box: 2 cores",
     "when": "2026-11-24T19:00:00+00:00",
     "sizes": "quick",
+    "command": "bench/run.py --quick",
+    "seconds": 412.0,
+    "postgres": "Postgres 16.2 (fsync on, synchronous_commit on, wal_sync_method fdatasync)",
+    "load_before": {"uptime": "19:00 up 1 day, load average: 1.50, 1.20, 1.00", "load": [1.5, 1.2, 1.0]},
+    "load_after": {"uptime": "19:07 up 1 day, load average: 2.50, 2.20, 1.80", "load": [2.5, 2.2, 1.8]},
     "scenarios": {
+        "step_overhead": {
+            "figures": {
+                "dex_ms_per_step": 1.5,
+                "dbos_ms_per_step": 3.5,
+                "ratio_vs_dbos": 0.43,
+                "commit_floor_ms": 0.3,
+                "pgbench_floor_tps": 5300.0,
+                "celery_chain_ms_per_step": 2.4,
+            },
+            "goal": {"ratio_vs_dbos": "<= 0.5", "ratio_vs_restate": "<= 1.0"},
+            "goals_met": {"ratio_vs_dbos": True, "ratio_vs_restate": None},
+            "met": True,
+            "ranges": {"dex_ms_per_step": [1.4, 1.7]},
+            "skipped_peers": {
+                "restate": "npm install failed: ECONNREFUSED",
+                "temporal_activities": "uv pip install failed: no route",
+            },
+            "not_runnable_peers": {"hatchet": "downloads its engine at run time"},
+            "sizes_name": "quick",
+        },
         "throughput": {
             "figures": {"steps_per_s_n100": 512.3, "ratio_vs_dbos_n100": 2.4, "lost_runs": 0},
             "goal": {"ratio_vs_dbos_n100": ">= 2.0", "lost_runs": "== 0"},
             "goals_met": {"ratio_vs_dbos_n100": True, "lost_runs": True},
             "met": True,
             "ranges": {"ratio_vs_dbos_n100": [2.1, 2.7]},
-            "when": "2026-11-24T19:00:00+00:00",
             "sizes_name": "quick",
         },
         "realtime": {
-            "figures": {"ws_p50_ms": 12.5, "lost_messages": 0},
-            "goal": {"ws_p50_ms": "<= 5", "lost_messages": "== 0"},
-            "goals_met": {"ws_p50_ms": False, "lost_messages": True},
+            "figures": {"ws_p50_ms": 12.5, "ws_p99_ms_1000_clients": 1530.0, "lost_messages": 0},
+            "goal": {"ws_p50_ms": "<= 5", "ws_p99_ms_1000_clients": "<= 250", "lost_messages": "== 0"},
+            "goals_met": {"ws_p50_ms": False, "ws_p99_ms_1000_clients": False, "lost_messages": True},
             "met": False,
-            "when": "2026-11-24T19:01:00+00:00",
         },
         "resume": {
-            "figures": {"recovery_s_sigkill": 16.2},
-            "goal": {"recovery_s_sigkill": "<= 15"},
+            "figures": {"recovery_s_sigkill": 2.3},
+            "goal": {"recovery_s_sigkill": "<= 2"},
             "goals_met": {"recovery_s_sigkill": False},
             "met": False,
             "missed_because": "the lease runs out a tick before the scheduler sees it",
-            "when": "2026-11-24T19:01:30+00:00",
             "sizes_name": "quick",
         },
         "llm_savings": {  # a --tiny result (a smoke run) never reaches the README
@@ -116,47 +138,69 @@ SAMPLE = {
             "met": True,
             "sizes_name": "tiny",
         },
+    },
+}
+FAULTS = {
+    "machine": "box: 2 cores",
+    "when": "2026-11-25T08:00:00+00:00",
+    "sizes": "full",
+    "scenarios": {
         "faults": {
             "figures": {"reexecuted_committed_steps": 0, "stuck_runs": 0, "completed_fraction": 1.0},
             "goal": {"reexecuted_committed_steps": "== 0", "stuck_runs": "== 0"},
             "goals_met": {"reexecuted_committed_steps": True, "stuck_runs": True},
             "met": True,
             "detail": {"sigkill": {"runs": 10, "faults": 20, "completed": 10, "reexecuted_committed_steps": 0}},
-            "when": "2026-11-24T19:02:00+00:00",
         },
     },
 }
 
 
-def test_the_report_renders_tables_between_the_markers_and_a_chart(tmp_path: Path) -> None:
-    results = tmp_path / "latest.json"
+def test_the_report_renders_one_runs_tables_between_the_markers_and_a_chart(tmp_path: Path) -> None:
+    results = tmp_path / "readme.json"
     results.write_text(json.dumps(SAMPLE))
-    # A newer result of one scenario from a later `--only` run, kept beside the main file, wins.
-    newer = {**SAMPLE["scenarios"]["realtime"], "figures": {"ws_p50_ms": 3.25, "lost_messages": 0}}
-    newer.update(goals_met={"ws_p50_ms": True, "lost_messages": True}, when="2026-11-25T08:00:00+00:00")
-    (tmp_path / "realtime.json").write_text(json.dumps({"scenario": "realtime", "result": newer}))
+    # Another run's result beside it is never merged into the table (one run, one table).
+    newer = {"scenario": "realtime", "result": {**SAMPLE["scenarios"]["realtime"], "figures": {"ws_p50_ms": 3.25}}}
+    (tmp_path / "realtime.json").write_text(json.dumps(newer))
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps(FAULTS))
     readme = tmp_path / "README.md"
     readme.write_text(f"# Dex\n\nintro\n\n{report.BENCH_BEGIN}\nold table\n{report.BENCH_END}\n\n## After\n")
     chart = tmp_path / "bench.svg"
 
-    assert report.main([str(results), "--readme", str(readme), "--svg", str(chart)]) == 0
+    assert report.main([str(results), str(faults), "--readme", str(readme), "--svg", str(chart)]) == 0
 
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# Dex\n\nintro\n") and text.rstrip().endswith("## After")
     table = text.split(report.BENCH_BEGIN)[1].split(report.BENCH_END)[0]
-    assert "| steps/s at N=100 | 2.4× <sub>(2.1–2.7)</sub> | DBOS, same concurrency | ≥ 2.0 | ✔ |" in table
-    assert "| commit → message p50, 1 client (ms) | 3.25 |  | ≤ 5 | ✔ |" in table
-    assert "4 of 5 goals met" in table and "2026-11-24 to 2026-11-25" in table
+    assert "| steps/s at N=100 | 2.4× <sub>(2.1–2.7)</sub> | DBOS, same number of processes | ≥ 2.0 | ✔ |" in table
+    assert "| commit → message p50, 1 client (ms) | 12.5 |  | ≤ 5 | ✘ 2.5× the bound |" in table
+    assert "| p99 at 1,000 clients (ms) | 1,530 |  | ≤ 250 | ✘ 6.1× the bound |" in table
+    assert "| SIGKILL → step 9 runs again (s) | 2.3 |  | ≤ 2 | ✘ by 15 % |" in table
+    assert "3.25" not in table
+    # A goal against a skipped peer is said to be unmeasured, and the skipped peers are named with the reason.
+    assert "| time per step, end to end | – | Restate (WAL fsync on) | ≤ 1.0 | not measured |" in table
+    assert "4 of 7 goals met** (1 not measured: their peer was skipped)" in table
+    assert "restate (npm install failed: ECONNREFUSED)" in table
+    assert "| Restate | skipped: npm install failed: ECONNREFUSED | – | – |" in table
+    assert "| DBOS Transact | one DBOS process per Dex worker process | 3.5 | – |" in table
+    assert "| Hatchet | can't run here: downloads its engine at run time | – | – |" in table
+    # Beside the table: the run's load average, Postgres version, commit floor and command.
+    assert "Load average (1/5/15 min, `uptime`): 1.50 / 1.20 / 1.00 before, 2.50 / 2.20 / 1.80 after." in table
+    assert "Postgres 16.2 (fsync on, synchronous_commit on" in table
+    assert "Commit floor: 0.3 ms (a prepared one-row INSERT in autocommit), pgbench -M prepared 5,300" in table
+    assert "in one `bench/run.py --quick` run (quick sizes, 6.9 min)" in table
     assert "- `resume`: the lease runs out a tick before the scheduler sees it" in table
     assert "LLM calls" not in table
     assert "docs/bench.svg" in table
-    faults = text.split(report.FAULTS_BEGIN)[1].split(report.FAULTS_END)[0]
-    assert "| sigkill | 10 | 20 | 10 | 0 |" in faults and "| stuck runs | 0 | = 0 | ✔ |" in faults
+    faults_block = text.split(report.FAULTS_BEGIN)[1].split(report.FAULTS_END)[0]
+    assert "| sigkill | 10 | 20 | 10 | 0 |" in faults_block and "| stuck runs | 0 | = 0 | ✔ |" in faults_block
     svg = xml.dom.minidom.parse(str(chart))
     labels = [t.firstChild.data for t in svg.getElementsByTagName("text") if t.firstChild]
     assert "throughput · ratio_vs_dbos_n100" in labels and "realtime · ws_p50_ms" in labels
+    assert "step_overhead · ratio_vs_restate" not in labels
 
     # Rendering again changes nothing: the blocks are replaced, not appended.
     before = readme.read_text()
-    report.main([str(results), "--readme", str(readme), "--svg", str(chart)])
+    report.main([str(results), str(faults), "--readme", str(readme), "--svg", str(chart)])
     assert readme.read_text() == before
