@@ -6,10 +6,11 @@ The realtime scenario spreads its clients over several of these processes, so th
 `{"connected": N}` once its N clients are connected (and, for websockets, each got the run's snapshot), then,
 when every client saw what it waited for or the timeout passed, the arrivals.
 
-  {"op": "watch", "url", "origin", "cookie", "clients", "run_id", "timeout"}
+  {"op": "watch", "url", "origin", "cookie", "clients", "run_id", "steps", "timeout"}
       N websocket clients on a run's page socket. Answer: {"arrivals": [{step pk: first arrival}, ...]}: per
       client, the wall-clock time each step's row (`id="step-<pk>"`) first arrived with `status-completed`,
-      the end-of-run repaint (which carries `id="run-<id>-steps"`) excluded, so a lost push stays lost.
+      the end-of-run repaint (which carries `id="run-<id>-steps"`) excluded, so a lost push stays lost. A
+      client hangs up once it has every step (or the repaint came), as a reader closing the page would.
   {"op": "redis", "url", "channel", "clients", "expect", "timeout"}
       N Redis subscribers of a channel whose messages are the publisher's wall clock. Answer:
       {"latencies_ms": [...], "lost": L} (arrival − stamp; L = messages expected but not received).
@@ -37,6 +38,7 @@ async def watch(request: dict) -> None:
     from websockets.exceptions import ConnectionClosed
 
     n, run_id, timeout = int(request["clients"]), request["run_id"], float(request["timeout"])
+    steps = int(request["steps"])
     marker = f'id="run-{run_id}-steps"'
     headers = {"Cookie": request["cookie"]}
     sockets: list[Any] = []
@@ -55,14 +57,15 @@ async def watch(request: dict) -> None:
 
         async def read(i: int, ws: Any) -> None:
             try:
-                while True:
+                while len(arrivals[i]) < steps:
                     text = await ws.recv()
                     at = time.time()
                     if marker in text:  # the repaint when the run ended: nothing more comes
-                        return
+                        break
                     if "status-completed" in text:
                         for pk in STEP_ROW.findall(text):
                             arrivals[i].setdefault(pk, at)
+                await ws.close()
             except ConnectionClosed:
                 return
 

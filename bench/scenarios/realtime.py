@@ -301,6 +301,7 @@ class Realtime:
             "origin": self.site.origin,
             "cookie": self.site.cookie,
             "run_id": run_id,
+            "steps": STEPS,
         }
         procs = self._spread(request, clients)
         before = meter.read() if meter else None

@@ -14,9 +14,9 @@ Figures (worst case over the repeats for counts; median with min–max for times
   recovery_s_sigkill   kill → step 9 starts again (its second ledger line), on the same clock
   recovery_s_exception step 9's failed execution → its second execution
 The lease is shortened for --quick and --tiny (DEX_LEASE_SECONDS of the workers; the production default,
-15 s, for the full run) so the wait stays short; the goal is relative to it. A worker renews its lease every
-third of it, so a dead worker's lease runs out 2/3–1 lease after the kill, then the scheduler (1 s tick)
-re-queues the run.
+15 s, for the full run) so the wait stays short; the goal (issue 14) is 2 s whatever the lease. A worker
+renews its lease every third of it, so a dead worker's lease runs out 2/3–1 lease after the kill, then the
+scheduler (1 s tick) re-queues the run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from bench.harness import BenchEnv, Worker, goal_met, log, rounded
 
 NAME = "resume"
 LEASE_SECONDS = {"full": 15.0, "quick": 5.0, "tiny": 3.0}
-REPEATS = {"full": 5, "quick": 2, "tiny": 1}
+REPEATS = {"full": 5, "quick": 5, "tiny": 1}  # every goal figure gets >= 5 rounds (shared BENCH.md)
+RECOVERY_GOAL_S = 2.0  # issue 14: SIGKILL -> the step runs again within 2 s
 RUN_TIMEOUT = 120.0
 
 
@@ -47,7 +48,7 @@ def run(env: BenchEnv) -> dict:
     goal = {
         "reexecuted_steps_exception": "== 1",
         "reexecuted_steps_sigkill": "== 1",
-        "recovery_s_sigkill": f"<= {lease:g}",
+        "recovery_s_sigkill": f"<= {RECOVERY_GOAL_S:g}",
     }
     # The scheduler and both workers start side by side (each takes seconds on a busy machine).
     with ThreadPoolExecutor(3) as pool:
@@ -61,13 +62,18 @@ def run(env: BenchEnv) -> dict:
     exception: list[dict] = []
     sigkill: list[dict] = []
     repeats = REPEATS[env.sizes.name]
+    standby = None
+    starter = ThreadPoolExecutor(1)
+    env.stack.callback(starter.shutdown)
     for r in range(repeats):
         exception.append(_exception_case(ledger))
+        if standby is not None:
+            workers.append(standby.result())
         killed = _sigkill_case(ledger, workers)
         sigkill.append(killed)
         workers = [w for w in workers if w.name != killed["killed_worker"]]
-        if r + 1 < repeats:  # a new standby for the next repeat
-            workers.append(env.start_worker(name=f"resume-{r + 2}", env=worker_env))
+        if r + 1 < repeats:  # a new standby for the next repeat, started while the next exception case runs
+            standby = starter.submit(env.start_worker, name=f"resume-{r + 2}", env=worker_env)
         log(
             f"repeat {r + 1}: exception re-executed {exception[-1]['reexecuted']}, "
             f"sigkill re-executed {killed['reexecuted']}, recovered in {killed['recovery_s']:.2f} s"
