@@ -130,7 +130,7 @@ def _run(args: list[str], what: str, env: dict[str, str] | None = None) -> str |
     except OSError as exc:
         return f"{what}: {exc}"
     if done.returncode != 0:
-        tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])[:400]
+        tail = " ".join(" ".join((done.stderr or done.stdout).strip().splitlines()[-3:]).split())[:400]
         return f"{what} failed: {tail}"
     return None
 
@@ -209,7 +209,11 @@ def install(cache: Path = CACHE) -> Installed:
         out.restate_server, why = _restate_binary(cache)
         if why:
             out.skipped["restate"] = why
-    log(f"peers: installed in {time.monotonic() - started:.1f} s" + (f"; skipped {out.skipped}" if out.skipped else ""))
+    reasons: dict[str, list[str]] = {}
+    for peer, why in out.skipped.items():
+        reasons.setdefault(why, []).append(peer)
+    skipped = "; ".join(f"skipped {', '.join(peers)}: {why}" for why, peers in reasons.items())
+    log(f"peers: ready in {time.monotonic() - started:.1f} s" + (f"; {skipped}" if skipped else ""))
     if cache == CACHE:
         _installed = out
     return out
