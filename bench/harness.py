@@ -119,6 +119,9 @@ class Variant:
     run: Callable[[Any], None]
     prepare: Callable[[], Any] = lambda: None
     check: Callable[[], None] = lambda: None  # after everything: did the work really happen?
+    # Runs only in the first `repeats` repeats (None: all). For slow variants whose figure has no goal (e.g. a
+    # peer at 40 steps/s): every figure with a goal keeps its >= 5 rounds (shared BENCH.md).
+    repeats: int | None = None
 
 
 @dataclass
@@ -157,10 +160,11 @@ def alternate(
             v.run(v.prepare())
     result = Alternation({v.name: [] for v in variants})
     for r in range(sizes.repeats):
-        for v in variants:
+        active = [v for v in variants if v.repeats is None or r < v.repeats]
+        for v in active:
             result.samples[v.name].append([])
         for _ in range(sizes.rounds):
-            for v in variants:
+            for v in active:
                 state = v.prepare()
                 xid0 = xid_probe() if xid_probe else None
                 cpu0 = cpu_meter.read() if cpu_meter else None
@@ -170,7 +174,7 @@ def alternate(
                 cpu = cpu_meter.delta(cpu0, cpu_meter.read()) if cpu_meter and cpu0 else None
                 xids = xid_probe() - xid0 if xid_probe and xid0 is not None else None
                 result.samples[v.name][r].append(Sample(elapsed, xids, cpu))
-        medians = ", ".join(f"{v.name} {ms:.3f}" for v in variants for ms in [result.ms_per_step(v)[r]])
+        medians = ", ".join(f"{v.name} {ms:.3f}" for v in active for ms in [result.ms_per_step(v)[r]])
         log(f"repeat {r + 1}/{sizes.repeats} (ms per step): {medians}")
         if between_repeats:
             between_repeats(r)

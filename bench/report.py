@@ -332,6 +332,10 @@ def engines_table(document: dict) -> str | None:
         lines.append(f"| {name} | {how} | {cell(step, seq)} | {cell(through, conc)} |")
     for name, why in not_runnable.items():
         lines.append(f"| {name.capitalize()} | can't run here: {_esc(why)} | – | – |")
+    versions = {**through.get("versions", {}), **step.get("versions", {})}
+    if versions:
+        lines.append("")
+        lines.append("Versions: " + ", ".join(f"{_esc(k)} {_esc(str(v))}" for k, v in sorted(versions.items())) + ".")
     return "\n".join(lines)
 
 

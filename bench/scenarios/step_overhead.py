@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import peerkit
 from bench.harness import (
     BenchEnv,
     CpuMeter,
@@ -151,6 +152,7 @@ def run(env: BenchEnv) -> dict:
             "goals_met": goals_met,
             "skipped_peers": skipped,
             "not_runnable_peers": NOT_RUNNABLE,
+            "versions": peerkit.last_versions,
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
             "variants": {
