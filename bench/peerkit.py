@@ -30,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,17 +365,20 @@ def start_temporal(env: BenchEnv, installed: Installed, processes: int, tag: str
     server.start(ready="Temporal Server:")
     address = f"127.0.0.1:{port}"
     queue = f"dexbench-{tag}"
-    workers = []
-    for i in range(processes):
-        worker = Process(
+    workers = [
+        Process(
             env,
             f"temporal-worker-{tag}-{i}",
             [str(installed.python), "temporal_app.py", "worker", address, queue],
             cwd=APPS,
         )
+        for i in range(processes)
+    ]
+    for worker in workers:
         env.stack.callback(worker.stop)
-        worker.start(ready="worker ready")
-        workers.append(worker)
+    with ThreadPoolExecutor(len(workers)) as starting:  # each takes a second or two: side by side
+        for started in [starting.submit(w.start, ready="worker ready") for w in workers]:
+            started.result()
     kinds = (
         [("temporal_tuned", "NoopActivities")]
         if tuned
@@ -426,13 +430,15 @@ def start_peers(env: BenchEnv, processes: int, tag: str) -> tuple[dict[str, Peer
         ),
         (("temporal_tuned",), lambda: start_temporal(env, installed, processes, f"{tag}-tuned", tuned=True)),
     ]
-    for names, starter in starters:
-        if any(name in skipped for name in names):
-            continue
-        try:
-            for peer in starter():
-                peers[peer.name] = peer
-        except Exception as exc:  # a peer that won't start is reported, not a failed bench
-            log(f"peers: {'/'.join(names)} did not start: {exc}")
-            skipped.update(dict.fromkeys(names, f"did not start: {str(exc)[:300]}"))
-    return peers, skipped
+    runnable = [(names, starter) for names, starter in starters if not any(name in skipped for name in names)]
+    with ThreadPoolExecutor(max(1, len(runnable))) as starting:  # the servers start side by side
+        futures = [(names, starting.submit(starter)) for names, starter in runnable]
+        for names, future in futures:
+            try:
+                for peer in future.result():
+                    peers[peer.name] = peer
+            except Exception as exc:  # a peer that won't start is reported, not a failed bench
+                log(f"peers: {'/'.join(names)} did not start: {exc}")
+                skipped.update(dict.fromkeys(names, f"did not start: {str(exc)[:300]}"))
+    # The same order in every run, whichever server was ready first.
+    return {name: peers[name] for name in PEERS if name in peers}, skipped
