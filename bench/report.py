@@ -405,7 +405,7 @@ def _provenance(document: dict, names: list[str]) -> str:
     if document.get("seconds"):
         parts[-1] += f", {float(document['seconds']) / 60:.1f} min"
     parts[-1] += f") on {document.get('machine') or 'an unknown machine'}."
-    if document.get("postgres"):
+    if document.get("postgres") and document["postgres"] not in str(document.get("machine", "")):
         parts.append(f"{document['postgres']}.")
     before, after = document.get("load_before"), document.get("load_after")
     if before or after:
