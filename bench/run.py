@@ -135,7 +135,7 @@ def _publish(out: Path, document: dict) -> None:
         if out.resolve() != target.resolve():
             shutil.copyfile(out, target)
         report.render(target)
-        harness.log(f"wrote {target.relative_to(ROOT)} and rendered it into {report.README.name}")
+        harness.log(f"wrote {target} and rendered it into {report.README}")
     if not targets:
         harness.log("README left alone: only a run of every README scenario (or of faults) is rendered into it")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import report, run
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -204,3 +204,27 @@ def test_the_report_renders_one_runs_tables_between_the_markers_and_a_chart(tmp_
     before = readme.read_text()
     report.main([str(results), str(faults), "--readme", str(readme), "--svg", str(chart)])
     assert readme.read_text() == before
+
+
+def test_only_a_run_of_every_readme_scenario_becomes_the_readme_table(tmp_path: Path, monkeypatch) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Dex\n\n{report.BENCH_BEGIN}\nold table\n{report.BENCH_END}\n")
+    monkeypatch.setattr(run, "README_RESULTS", tmp_path / "readme.json")
+    monkeypatch.setattr(run, "FAULTS_RESULTS", tmp_path / "faults.json")
+    monkeypatch.setattr(report, "README", readme)
+    monkeypatch.setattr(report, "SVG", tmp_path / "bench.svg")
+    monkeypatch.setattr(report.render, "__defaults__", (readme, tmp_path / "bench.svg"))
+    out = tmp_path / "latest.json"
+
+    # `--only throughput`: the README and readme.json are left alone.
+    partial = {**SAMPLE, "scenarios": {"throughput": SAMPLE["scenarios"]["throughput"]}}
+    out.write_text(json.dumps(partial))
+    run._publish(out, partial)
+    assert "old table" in readme.read_text() and not (tmp_path / "readme.json").exists()
+
+    # A run of every README scenario: its own file becomes readme.json, and the table is rendered from it.
+    whole = {**SAMPLE, "scenarios": dict.fromkeys(report.ORDER, SAMPLE["scenarios"]["throughput"])}
+    out.write_text(json.dumps(whole))
+    run._publish(out, whole)
+    assert json.loads((tmp_path / "readme.json").read_text()) == whole
+    assert "old table" not in readme.read_text() and (tmp_path / "bench.svg").exists()
