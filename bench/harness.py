@@ -57,7 +57,7 @@ class Sizes:
 
 
 FULL = Sizes("full", warmup_rounds=10, repeats=5, rounds=40, pgbench_seconds=10, count_runs=10)
-QUICK = Sizes("quick", warmup_rounds=3, repeats=5, rounds=8, pgbench_seconds=3, count_runs=5)
+QUICK = Sizes("quick", warmup_rounds=3, repeats=5, rounds=8, pgbench_seconds=2, count_runs=5)
 TINY = Sizes("tiny", warmup_rounds=1, repeats=2, rounds=2, pgbench_seconds=1, count_runs=2)
 
 

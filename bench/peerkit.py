@@ -412,9 +412,11 @@ def versions(installed: Installed | None = None) -> dict[str, str]:
     return out
 
 
-def start_peers(env: BenchEnv, processes: int, tag: str) -> tuple[dict[str, Peer], dict[str, str]]:
-    """Every peer that can run here, with `processes` SDK/worker processes each; and those skipped, and why.
-    The versions of what ran are in `last_versions`."""
+def start_peers(
+    env: BenchEnv, processes: int, tag: str, *, leave_out: dict[str, str] | None = None
+) -> tuple[dict[str, Peer], dict[str, str]]:
+    """Every peer that can run here, with `processes` SDK/worker processes each, but those in `leave_out`
+    (name → why); and those skipped, and why. The versions of what ran are in `last_versions`."""
     global last_versions
     why = disabled_reason(env)
     if why:
@@ -422,7 +424,7 @@ def start_peers(env: BenchEnv, processes: int, tag: str) -> tuple[dict[str, Peer
         return {}, dict.fromkeys(PEERS, why)
     installed = install()
     last_versions = versions(installed)
-    skipped = dict(installed.skipped)
+    skipped = {**(leave_out or {}), **installed.skipped}
     peers: dict[str, Peer] = {}
     starters = [
         (("restate",), lambda: [start_restate(env, installed, processes, tag)]),
