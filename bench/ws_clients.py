@@ -3,7 +3,8 @@
 The realtime scenario spreads its clients over several of these processes, so that none shares an event loop
 (or a core's scheduling) with the server it measures. Requests arrive on stdin, one JSON object a line
 (bench.harness.LineProcess); the first line written is `{"ready": true}`; each request is answered twice:
-`{"connected": N}` once its N clients are connected (and, for websockets, each got the run's snapshot), then,
+`{"connected": N}` once its N clients are connected (and, for websockets, each got the run's snapshot; with
+`retries`, the handshakes tried again), then,
 when every client saw what it waited for or the timeout passed, the arrivals.
 
   {"op": "watch", "url", "origin", "cookie", "clients", "run_id", "steps", "timeout"}
@@ -26,7 +27,10 @@ import time
 from typing import Any
 
 STEP_ROW = re.compile(r'id="step-(\d+)"')
-BATCH = 20  # connections opened at once: daphne renders a snapshot per connection
+# Connections a process opens at once: daphne renders a snapshot per connection, and closes a handshake its
+# consumer hasn't accepted within 5 s (daphne's websocket_connect_timeout), so a burst is kept small.
+BATCH = 10
+RETRIES = 3  # a handshake refused under load is tried again, as the run page's script reconnects
 
 
 def say(message: dict) -> None:
@@ -35,21 +39,32 @@ def say(message: dict) -> None:
 
 async def watch(request: dict) -> None:
     from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
     n, run_id, timeout = int(request["clients"]), request["run_id"], float(request["timeout"])
     steps = int(request["steps"])
     marker = f'id="run-{run_id}-steps"'
     headers = {"Cookie": request["cookie"]}
     sockets: list[Any] = []
+    retries = 0
+
+    async def open_one() -> Any:
+        nonlocal retries
+        for attempt in range(RETRIES + 1):
+            try:
+                return await connect(
+                    request["url"], origin=request["origin"], additional_headers=headers, max_size=None
+                )
+            except (OSError, InvalidHandshake, TimeoutError):
+                if attempt == RETRIES:
+                    raise
+                retries += 1
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     try:
         for first in range(0, n, BATCH):
-            sockets += await asyncio.gather(
-                *(
-                    connect(request["url"], origin=request["origin"], additional_headers=headers, max_size=None)
-                    for _ in range(first, min(n, first + BATCH))
-                )
-            )
+            sockets += await asyncio.gather(*(open_one() for _ in range(first, min(n, first + BATCH))))
         snapshots = await asyncio.gather(*(asyncio.wait_for(ws.recv(), timeout) for ws in sockets))
         if not all(marker in s for s in snapshots):
             raise RuntimeError("a client's first message was not the run's snapshot")
@@ -70,7 +85,7 @@ async def watch(request: dict) -> None:
                 return
 
         readers = [asyncio.create_task(read(i, ws)) for i, ws in enumerate(sockets)]
-        say({"connected": len(sockets)})
+        say({"connected": len(sockets), "retries": retries})
         _done, pending = await asyncio.wait(readers, timeout=timeout)
         for task in pending:
             task.cancel()

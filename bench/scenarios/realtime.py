@@ -124,6 +124,7 @@ def run(env: BenchEnv) -> dict:
             variants[name]()
     cpu.clear()
     bench.lost = dict.fromkeys(variants, 0)
+    bench.connect_retries = 0
     samples: dict[str, list[list[float]]] = {name: [] for name in variants}
     for r in range(REPEATS[sizes]):
         for name in variants:
@@ -164,6 +165,7 @@ def run(env: BenchEnv) -> dict:
     figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
     figures["lost_messages"] = sum(v for k, v in bench.lost.items() if k.startswith("dex"))
     figures["lost_messages_redis"] = sum(v for k, v in bench.lost.items() if k.startswith("redis"))
+    figures["ws_connect_retries"] = bench.connect_retries
     figures["clients_many"] = many
     figures["clients_huge"] = huge
     cpu_parts: dict[str, float] = {}
@@ -204,7 +206,8 @@ def run(env: BenchEnv) -> dict:
             "method": (
                 "commit = worker's wall clock read first thing in runs.realtime.publish_now, which the engine "
                 "calls right after the step's commit returned; arrival = the client process's wall clock on "
-                "receipt of the step's first completed fragment (the end-of-run repaint excluded). Clients and "
+                "receipt of the step's first completed fragment (the end-of-run repaint excluded); a handshake "
+                "daphne refused under load is tried again (ws_connect_retries counts them). Clients and "
                 f"Redis subscribers are spread over {CLIENT_PROCESSES} processes of their own. Variants "
                 "alternate per round after a warm-up; p50/p99 per repeat over all clients' steps; ratios paired "
                 "per repeat, median with min-max. Baseline: PUBLISH (stamped just before) -> SUBSCRIBE on the "
@@ -258,6 +261,7 @@ class Realtime:
         self.ledger = ledger
         self.clients = clients
         self.lost: dict[str, int] = {}
+        self.connect_retries = 0  # websocket handshakes daphne refused under load, tried again
 
     def _spread(self, request: dict, n: int) -> list[LineProcess]:
         """Send `request` to the client processes, n clients shared out evenly; wait until all are connected."""
@@ -269,6 +273,7 @@ class Realtime:
             answer = proc.receive(ROUND_TIMEOUT)
             if "connected" not in answer:
                 raise RuntimeError(f"{proc.name}: {answer}")
+            self.connect_retries += int(answer.get("retries", 0))
         return [proc for proc, _share in busy]
 
     @staticmethod
