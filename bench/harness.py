@@ -13,6 +13,7 @@ its own on the configured Redis, so it never touches the dev or test databases o
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -129,6 +130,7 @@ class Sample:
     seconds: float
     xids: int | None = None
     cpu: dict[str, float] | None = None
+    wal: tuple[str, str] | None = None  # the WAL insert position before and after the round
 
 
 @dataclass
@@ -150,6 +152,7 @@ def alternate(
     sizes: Sizes,
     *,
     xid_probe: Callable[[], int] | None = None,
+    wal_probe: Callable[[], str] | None = None,
     cpu_meter: CpuMeter | None = None,
     between_repeats: Callable[[int], None] | None = None,
 ) -> Alternation:
@@ -167,13 +170,15 @@ def alternate(
             for v in active:
                 state = v.prepare()
                 xid0 = xid_probe() if xid_probe else None
+                wal0 = wal_probe() if wal_probe else None
                 cpu0 = cpu_meter.read() if cpu_meter else None
                 t0 = time.perf_counter()
                 v.run(state)
                 elapsed = time.perf_counter() - t0
                 cpu = cpu_meter.delta(cpu0, cpu_meter.read()) if cpu_meter and cpu0 else None
                 xids = xid_probe() - xid0 if xid_probe and xid0 is not None else None
-                result.samples[v.name][r].append(Sample(elapsed, xids, cpu))
+                wal = (wal0, wal_probe()) if wal_probe and wal0 is not None else None
+                result.samples[v.name][r].append(Sample(elapsed, xids, cpu, wal))
         medians = ", ".join(f"{v.name} {ms:.3f}" for v in active for ms in [result.ms_per_step(v)[r]])
         log(f"repeat {r + 1}/{sizes.repeats} (ms per step): {medians}")
         if between_repeats:
@@ -646,6 +651,10 @@ class Probe:
         """The next transaction id to be assigned (reading it assigns none, unlike pg_current_xact_id())."""
         return int(self.conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0])
 
+    def wal_lsn(self) -> str:
+        """The WAL insert position (an LSN, e.g. '0/1A2B3C8')."""
+        return str(self.conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+
     def wal_bytes(self) -> int:
         """The WAL insert position, in bytes."""
         return int(
@@ -671,6 +680,59 @@ class Probe:
         version = self.conn.execute("SHOW server_version").fetchone()[0]
         method = self.conn.execute("SHOW wal_sync_method").fetchone()[0]
         return f"Postgres {version} (fsync on, synchronous_commit on, wal_sync_method {method})"
+
+
+class WalCommits:
+    """Write commits counted where they are made durable: the COMMIT records in a stretch of the WAL, read
+    with the server's own `pg_waldump`. A write transaction writes exactly one (its savepoints' subtransactions
+    none of their own, read-only transactions none), so unlike the transaction-id counter, which also counts
+    subtransaction ids, this is the number of commits a run made. Needs the server's WAL on this machine."""
+
+    def __init__(self, probe: Probe, binary: str, wal_dir: Path):
+        self.probe = probe
+        self.binary = binary
+        self.wal_dir = wal_dir
+
+    @classmethod
+    def create(cls, probe: Probe) -> WalCommits | None:
+        major = probe.version // 10000
+        try:
+            data_dir = Path(probe.conn.execute("SHOW data_directory").fetchone()[0])
+        except Exception:  # not a superuser, or not this machine's server
+            return None
+        wal_dir = data_dir / "pg_wal"
+        binary = _pg_binary("pg_waldump", major)
+        if binary is None or not wal_dir.is_dir():
+            return None
+        return cls(probe, binary, wal_dir)
+
+    def count(self, start: str, end: str) -> int | None:
+        """COMMIT records written between two LSNs (None if pg_waldump couldn't read them)."""
+        done = subprocess.run(
+            [self.binary, "-p", str(self.wal_dir), "-s", start, "-e", end, "-r", "Transaction"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        commits = sum(1 for line in done.stdout.splitlines() if "desc: COMMIT " in line)
+        if done.returncode != 0 and not done.stdout:
+            log(f"pg_waldump could not read {start}..{end}: {done.stderr.strip()[-300:]}")
+            return None
+        return commits
+
+
+def _pg_binary(name: str, major: int) -> str | None:
+    """A Postgres tool of the server's major version: pgserver's (found without importing pgserver, which
+    wants a runtime dir) or Debian's."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec and spec.origin:
+        pginstall = Path(spec.origin).parent / "pginstall" / "bin"
+        candidate = pginstall / name
+        version = subprocess.run([str(pginstall / "postgres"), "--version"], capture_output=True, text=True)
+        if candidate.exists() and re.search(rf"\b{major}\.", version.stdout):
+            return str(candidate)
+    candidate = Path(f"/usr/lib/postgresql/{major}/bin/{name}")
+    return str(candidate) if candidate.exists() else None
 
 
 def force_stats_flush(connection: Any) -> None:

@@ -13,10 +13,11 @@ The same 10 no-op steps as
   commit_floor           10 one-row INSERTs in autocommit, prepared (the physical floor of a durable step)
 Worker-based variants signal completion the same way (one RPUSH the bench BLPOPs; bench/agents.py).
 
-Write commits are counted from the cluster's transaction-id counter (`pg_snapshot_xmax(pg_current_snapshot())`,
-which assigns none itself): end to end around every `dex` round (trigger, claim, steps, settle: the goal
-figure), and around in-process runs of 10 and of 0 steps (the steady-state, marginal figure). The server may
-be shared, so minima are reported (other sessions can only add to a delta). CPU seconds are summed over every
+Write commits are counted where they become durable: the COMMIT records a round wrote to the WAL, read with
+the server's pg_waldump (where the WAL can't be read, the transaction-id counter, which also counts savepoints'
+subtransactions) — end to end around every `dex` round (trigger, claim, steps, settle: the goal figure), and
+around in-process runs of 10 and of 0 steps (the steady-state, marginal figure). The server may be shared, so
+minima are reported (other sessions can only add to a delta). CPU seconds are summed over every
 process a Dex run touches (the trigger in this process, the worker, all of Postgres's processes, Redis).
 `pgbench -M prepared -c 1` of the same one-row INSERT measures the floor's rate between repeats.
 """
@@ -40,6 +41,7 @@ from bench.harness import (
     BenchEnv,
     CpuMeter,
     Variant,
+    WalCommits,
     alternate,
     force_stats_flush,
     judge,
@@ -72,7 +74,10 @@ def run(env: BenchEnv) -> dict:
     started = time.monotonic()
     _reset(env)
     client = redis.Redis.from_url(env.redis_url)
-    counts = _count_dex_commits(env)
+    wal = WalCommits.create(env.probe)
+    if wal is None:
+        log("pg_waldump can't read this server's WAL: write commits are counted from the xid counter")
+    counts = _count_dex_commits(env, wal)
     pgbench = Pgbench.create(env)
     with ThreadPoolExecutor(3) as starting:  # each takes seconds to start on a busy box: side by side
         worker = starting.submit(env.start_worker)
@@ -93,7 +98,14 @@ def run(env: BenchEnv) -> dict:
         tps.append(pgbench.run(env.sizes.pgbench_seconds) if pgbench else None)
         meter.refresh()
 
-    alt = alternate(variants, env.sizes, xid_probe=env.probe.next_xid, cpu_meter=meter, between_repeats=between_repeats)
+    alt = alternate(
+        variants,
+        env.sizes,
+        xid_probe=env.probe.next_xid,
+        wal_probe=env.probe.wal_lsn if wal else None,
+        cpu_meter=meter,
+        between_repeats=between_repeats,
+    )
     by_name = {v.name: v for v in variants}
     ms = {v.name: alt.ms_per_step(v) for v in variants}
 
@@ -130,17 +142,18 @@ def run(env: BenchEnv) -> dict:
     spreads = {name: spread(values) for name, values in series.items()}
     figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
     figures.update({k: v for k, v in counts.items() if not isinstance(v, dict)})
-    xids: dict[str, list[int]] = {}
     for name in ("dex", "dbos"):
-        xids[name] = [s.xids for s in alt.all(name) if s.xids is not None]
-        if xids[name]:
-            figures[f"{name}_write_commits_per_run_min"] = min(xids[name])
-            figures[f"{name}_write_commits_per_run_median"] = statistics.median(xids[name])
-    if xids["dex"]:
-        # End to end, everything counted: the trigger's commit, the claim, the steps, the settle.
-        figures["write_commits_per_step"] = min(xids["dex"]) / STEPS
-    if xids["dbos"]:
-        figures["dbos_write_commits_per_step"] = min(xids["dbos"]) / STEPS
+        xids = [s.xids for s in alt.all(name) if s.xids is not None]
+        if xids:  # transaction ids, subtransactions (savepoints) included
+            figures[f"{name}_xids_per_run_min"] = min(xids)
+        commits = [c for s in alt.all(name) if s.wal for c in [wal.count(*s.wal)] if c is not None] if wal else []
+        commits = commits or xids  # without pg_waldump, the xid counter stands in
+        if commits:
+            figures[f"{name}_write_commits_per_run_min"] = min(commits)
+            figures[f"{name}_write_commits_per_run_median"] = statistics.median(commits)
+            prefix = "" if name == "dex" else f"{name}_"
+            # End to end, everything counted: the trigger's commit, the claim, the steps, the settle.
+            figures[f"{prefix}write_commits_per_step"] = min(commits) / STEPS
     cpu = {v.name: _cpu_per_step(alt.all(v.name), v.steps) for v in variants}
     if cpu["dex"]:
         figures["cpu_ms_per_step"] = cpu["dex"]["total"]
@@ -166,6 +179,7 @@ def run(env: BenchEnv) -> dict:
             },
             "dex_e2e_phases_ms": _phases(e2e_runs[env.sizes.warmup_rounds :]),
             "write_commits": counts.get("_detail"),
+            "write_commits_counted_from": "WAL COMMIT records (pg_waldump)" if wal else "the xid counter",
             "sizes": {**env.sizes.as_dict(), "steps": STEPS},
             "seconds": time.monotonic() - started,
             "missed_because": (
@@ -179,9 +193,11 @@ def run(env: BenchEnv) -> dict:
                 "(`ranges`). dex_ms_per_step and ratio_vs_* use the end-to-end Dex run (trigger -> completed "
                 "through a Celery worker); *_inprocess figures use run_execute in the bench process. Every engine "
                 "gets one worker process (DBOS: one DBOS process; Restate: one hypercorn worker; Temporal: one "
-                "worker process). write_commits_per_step = min over the end-to-end dex rounds of the xid-counter "
-                "delta / steps (trigger + claim + steps + settle); *_marginal = (10-step run - 0-step run) / 10 "
-                "in process (the steady state); *_inprocess = a whole in-process run / 10. cpu_ms_per_step (end "
+                "worker process). write_commits_per_step = min over the end-to-end dex rounds of the COMMIT "
+                "records the round wrote to the WAL (pg_waldump; the xid counter where the WAL can't be read, "
+                "which also counts savepoints' subtransactions: *_xids_per_run_min) / steps (trigger + claim + "
+                "steps + settle); *_marginal = (10-step run - 0-step run) / 10 in process (the steady state); "
+                "*_inprocess = a whole in-process run / 10. cpu_ms_per_step (end "
                 "to end) sums this process (the trigger), the worker's processes, every Postgres server process "
                 "(and backends that exited in the window: the postmaster's reaped-children time) and Redis (INFO); "
                 "an unwatched run costs daphne nothing (its events reach no consumer), see realtime for a watched "
@@ -397,7 +413,7 @@ def _cpu_per_step(samples: list, steps: int) -> dict[str, float] | None:
 # --- counting write commits -----------------------------------------------------------------------------------------
 
 
-def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
+def _count_dex_commits(env: BenchEnv, wal: WalCommits | None) -> dict[str, Any]:
     """In-process runs of 10 and of 0 steps, with nothing else of ours running: transaction ids assigned,
     WAL syncs, and the statements the engine sent."""
     from django.db import connection
@@ -406,7 +422,7 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
 
     probe = env.probe
     deltas: dict[int, dict[str, list[int]]] = {
-        n: {"xids": [], "wal_syncs": [], "wal_bytes": [], "xact_commits": []} for n in (STEPS, 0)
+        n: {"commits": [], "xids": [], "wal_syncs": [], "wal_bytes": [], "xact_commits": []} for n in (STEPS, 0)
     }
     statements: dict[int, list[str]] = {}
 
@@ -430,11 +446,11 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
             _flush_publisher()
             force_stats_flush(connection)
             x0, w0, c0 = probe.next_xid(), probe.wal_sync(), probe.xact_commit(env.database_name)
-            b0 = probe.wal_bytes()
+            b0, lsn0 = probe.wal_bytes(), probe.wal_lsn()
             wrapper = recorder_for(steps) if i == 1 else None
             with connection.execute_wrapper(wrapper) if wrapper else contextlib.nullcontext():
                 status = engine.run_execute(run_id)
-            b1 = probe.wal_bytes()
+            b1, lsn1 = probe.wal_bytes(), probe.wal_lsn()
             force_stats_flush(connection)
             x1, w1, c1 = probe.next_xid(), probe.wal_sync(), probe.xact_commit(env.database_name)
             if status != "completed":
@@ -442,15 +458,18 @@ def _count_dex_commits(env: BenchEnv) -> dict[str, Any]:
             if i == 0:
                 continue
             deltas[steps]["xids"].append(x1 - x0)
+            commits = wal.count(lsn0, lsn1) if wal else None
+            deltas[steps]["commits"].append(x1 - x0 if commits is None else commits)
             deltas[steps]["wal_bytes"].append(b1 - b0)
             if w0 is not None and w1 is not None:
                 deltas[steps]["wal_syncs"].append(w1 - w0)
             deltas[steps]["xact_commits"].append(c1 - c0 - 1)  # less the flush statement's own commit
     force_stats_flush(connection)
     updates_after = _run_updates()
-    xids10, xids0 = min(deltas[STEPS]["xids"]), min(deltas[0]["xids"])
+    xids10, xids0 = min(deltas[STEPS]["commits"]), min(deltas[0]["commits"])
     wal10, wal0 = min(deltas[STEPS]["wal_bytes"]), min(deltas[0]["wal_bytes"])
     out: dict[str, Any] = {
+        "xids_per_run_inprocess": min(deltas[STEPS]["xids"]),
         "write_commits_per_step_inprocess": xids10 / STEPS,
         "write_commits_per_step_marginal": (xids10 - xids0) / STEPS,
         "write_commits_fixed_per_run": xids0,

@@ -67,6 +67,11 @@ def test_step_overhead_runs_and_writes_its_figures(tmp_path: Path) -> None:
     assert set(scenario["not_runnable_peers"]) == {"hatchet", "inngest"}
     # Counted end to end, a 10-step run's write commits include the trigger's, the claim's and the settle's.
     assert scenario["figures"]["write_commits_per_step"] > scenario["figures"]["write_commits_per_step_marginal"]
+    # Commits are read from the embedded server's WAL: one COMMIT record per write transaction, never more than
+    # the transaction ids the round used (which count savepoints' subtransactions too).
+    assert scenario["write_commits_counted_from"].startswith("WAL")
+    figures = scenario["figures"]
+    assert 0 < figures["dex_write_commits_per_run_min"] <= figures["dex_xids_per_run_min"]
     for name in FIGURES:
         value = scenario["figures"][name]
         assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, value)
