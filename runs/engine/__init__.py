@@ -6,7 +6,7 @@ heartbeat, execute, settle (end or park), create, transitions (wake, cancel, ret
 """
 
 from runs.engine.codec import encode_output
-from runs.engine.context import RunContext
+from runs.engine.context import RunContext, current_context, current_step_key
 from runs.engine.context_async import AsyncRunContext
 from runs.engine.create import run_create
 from runs.engine.dispatch import enqueue_on_commit, enqueue_to
@@ -26,6 +26,7 @@ from runs.engine.waits import event_deliver, waitpoint_create, waitpoint_outcome
 
 __all__ = [  # noqa: RUF022 — grouped by job, as above
     "AsyncRunContext", "Buffer", "Claim", "LeaseLost", "Parked", "RunContext", "RunTimedOut", "StepFailedForGood",
+    "current_context", "current_step_key",
     "StepOutputError", "TickResult", "encode_output", "enqueue_on_commit", "enqueue_to", "error_info",
     "event_deliver", "fenced_write", "run_cancel_tree", "run_claim", "run_create", "run_execute", "run_park",
     "run_request_cancel", "run_retry_from_failed_step", "run_settle", "run_wake_now", "runs_wake", "scheduler_tick",

@@ -51,11 +51,20 @@ OUTPUT_PREVIEW_CHARS = 2048
 current_scope: contextvars.ContextVar[tuple[RunContext, str] | None] = contextvars.ContextVar("dex_scope", default=None)
 
 
-def current_run_context() -> RunContext | None:
-    """The run context executing on this thread (or task), if any: for integrations that wrap a framework
-    (runs.integrations) and must turn its calls into steps of the current run."""
+def current_context() -> RunContext | None:
+    """The context of the run whose code is executing in this thread or task, or None outside a run.
+
+    For integrations that wrap another framework (runs.integrations) and so are not handed `ctx`: a
+    framework's model or tool call reaches the run it belongs to through this.
+    """
     scope = current_scope.get()
     return scope[0] if scope is not None else None
+
+
+def current_step_key() -> str | None:
+    """The key of the step executing here ("" in the task's own code between steps), None outside a run."""
+    scope = current_scope.get()
+    return scope[1] if scope is not None else None
 
 
 class _CaptureHandler(logging.Handler):
