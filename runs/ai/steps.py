@@ -10,26 +10,32 @@ approval before a call that would pass it.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import hashlib
 import inspect
 import json
 import time
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import pydantic
 from asgiref.sync import sync_to_async
+from django.db.models import F
 
 from runs import realtime
-from runs.ai.cache import request_hash
+from runs.ai.cache import TRANSPORT_PARAMS, request_hash
+from runs.ai.cassettes import CassetteMismatch, Exchange, current_player, redact_json
 from runs.ai.pricing import cost_usd
 from runs.ai.providers import AllModelsFailed, Completion, LLMRequest, Router, call_with_failover
+from runs.engine import RunTimedOut
 from runs.models import LlmCacheEntry, StepChunk, StepKind
-from runs.sdk import NonRetriableError, Retry
+from runs.sdk import NonRetriableError, Retry, StepTimeout
 
 if TYPE_CHECKING:
     from runs.engine import RunContext
@@ -54,14 +60,18 @@ class BudgetExceeded(NonRetriableError):
 class _ChunkSink:
     """Publishes each streamed delta at once and stores them in small batches (a page opened mid-stream
     reads the stored ones, then follows the live ones). A retry or failover streams again from the start:
-    it starts a new attempt, and the page clears what the failed attempt showed."""
+    it starts a new attempt, and the page clears what the failed attempt showed.
+
+    With `autoflush=False` (a framework's model streaming on an event loop, where the ORM may not run),
+    `add` only publishes and buffers, and the caller flushes from the run's thread when `due()`."""
 
     FLUSH_SECONDS = 0.25
 
-    def __init__(self, ctx: RunContext, step_key: str, attempt: int):
+    def __init__(self, ctx: RunContext, step_key: str, attempt: int, *, autoflush: bool = True):
         self._ctx = ctx
         self._key = step_key
         self.attempt = attempt
+        self._autoflush = autoflush
         self._seq = 0
         self._offset = 0  # characters of this attempt published so far
         self._buffer: list[str] = []
@@ -76,8 +86,11 @@ class _ChunkSink:
         realtime.publish_now(realtime.RunEvent("token", self._ctx.run_id, data))
         self._offset += len(text)
         self._buffer.append(text)
-        if time.monotonic() - self._last_flush >= self.FLUSH_SECONDS:
+        if self._autoflush and self.due():
             self.flush()
+
+    def due(self) -> bool:
+        return bool(self._buffer) and time.monotonic() - self._last_flush >= self.FLUSH_SECONDS
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
@@ -107,11 +120,211 @@ class _ChunkSink:
         self.restart()
 
 
-def _estimate_cost(model: str, messages: list[dict], params: dict) -> Decimal:
+def _estimate_cost(model: str, messages: Any, params: dict) -> Decimal:
     """A call's cost before it is made: prompt ≈ 4 characters a token, the answer at its max_tokens."""
     prompt_tokens = len(json.dumps(messages, default=str)) // 4 + 1
     answer_tokens = int(params.get("max_tokens") or params.get("max_completion_tokens") or 1024)
     return cost_usd(model, prompt_tokens, answer_tokens)
+
+
+@dataclass
+class Answer:
+    """What a provider (or a framework's model) answered to one exchange, in Dex's terms."""
+
+    response: dict[str, Any]  # JSON: what the step stores and returns on every later execution
+    model: str  # the model that answered: what the call is priced as
+    provider: str
+    input_tokens: int
+    output_tokens: int
+    latency_ms: int = 0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    text: str = ""  # the answer's visible text, streamed to the run page when replayed with stream=True
+
+
+def exchange_hash(exchange: Exchange) -> str:
+    """The response-cache key of an exchange. `ctx.ai.infer`'s keeps its historical form (runs.ai.cache)."""
+    if exchange.api == "chat":
+        request = exchange.request
+        params = request.get("params") or {}
+        return request_hash(request["model"], request["messages"], params, request.get("tools"))
+    text = json.dumps(
+        {"v": 1, "api": exchange.api, "request": exchange.request},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class _AIStep:
+    """One LLM exchange as a step, in the phases every caller shares: `ctx.ai.infer` (synchronous) and the
+    framework integrations (whose model calls run on an event loop, with the phases that touch the database
+    sent back to the run's thread).
+
+    begin: the budget check, then the step's start; a completed step returns its recorded response.
+    recorded: a cassette (when one plays) or the response cache answers without calling anyone.
+    succeed / fail: the step settles with usage, cost, the request (redacted) and the response."""
+
+    def __init__(
+        self,
+        ai: AIContext,
+        id: str,
+        exchange: Exchange,
+        *,
+        model: str,
+        cache: bool,
+        stream: bool,
+        retry: Retry | None,
+        timeout: float | timedelta | None,
+        estimate_params: dict[str, Any] | None = None,
+        autoflush: bool = True,
+    ):
+        self.ai = ai
+        self.ctx = ai._ctx
+        self.id = id
+        self.exchange = exchange
+        self.model = model
+        self.cache = cache
+        self.stream = stream
+        self.retry = retry
+        self.timeout = timeout
+        self.estimate_params = estimate_params or {}
+        self.autoflush = autoflush
+        self.plan: Any = None
+        self.sink: _ChunkSink | None = None
+        self.key_hash = ""
+        self.player = current_player()
+
+    def begin(self) -> dict[str, Any] | None:
+        """Start the step; its recorded output if it completed in an earlier execution."""
+        self.ai._check_budget(self.id, self.model, self.exchange.request, self.estimate_params)
+        self.plan = self.ctx._step_begin(self.id, kind=StepKind.AI, retry=self.retry, timeout=self.timeout)
+        self.exchange.step = self.plan.key
+        if self.plan.memoized:
+            return self.plan.output
+        if self.stream:
+            self.sink = _ChunkSink(self.ctx, self.plan.key, self.plan.attempt, autoflush=self.autoflush)
+        return None
+
+    def recorded(self) -> dict[str, Any] | None:
+        """The step's output answered by a cassette or the response cache, or None: ask the provider."""
+        if self.player is not None:
+            try:
+                tape = self.player.take(self.exchange)
+            except CassetteMismatch as exc:
+                self.fail(exc)
+            if tape is None:
+                return None  # recording: the provider answers, `succeed` appends the exchange
+            usage = tape.usage
+            answer = Answer(
+                response=tape.response,
+                model=str(usage.get("model") or self.model),
+                provider=str(usage.get("provider") or "cassette"),
+                input_tokens=int(usage.get("input_tokens") or 0),
+                output_tokens=int(usage.get("output_tokens") or 0),
+                text=_visible_text(self.exchange.api, tape.response),
+            )
+            self._replay_stream(answer.text)
+            return self._settle(answer, source="cassette")
+        self.key_hash = exchange_hash(self.exchange)
+        if not self.cache:
+            return None
+        hit = LlmCacheEntry.objects.filter(request_hash=self.key_hash).first()
+        if hit is None:
+            return None
+        LlmCacheEntry.objects.filter(pk=hit.pk).update(hits=F("hits") + 1)
+        answer = Answer(
+            response=hit.response,
+            model=hit.model,
+            provider=str(hit.response.get("provider") or (hit.usage or {}).get("provider") or ""),
+            input_tokens=int((hit.usage or {}).get("input_tokens") or 0),
+            output_tokens=int((hit.usage or {}).get("output_tokens") or 0),
+            text=_visible_text(self.exchange.api, hit.response),
+        )
+        self._replay_stream(answer.text)
+        return self._settle(answer, source="cache", saved=hit.cost_usd)
+
+    def _replay_stream(self, text: str) -> None:
+        if self.stream and text:
+            sink = _ChunkSink(self.ctx, self.plan.key, self.plan.attempt)
+            sink.add(text)
+            sink.flush()
+
+    def succeed(self, answer: Answer) -> dict[str, Any]:
+        if self.sink is not None:
+            self.sink.flush()
+        if self.player is not None:
+            return self._settle(answer, source="recorded")
+        cost = cost_usd(answer.model, answer.input_tokens, answer.output_tokens)
+        if self.cache:
+            LlmCacheEntry.objects.get_or_create(
+                request_hash=self.key_hash,
+                defaults={
+                    "model": answer.model,
+                    "response": answer.response,
+                    "usage": {
+                        "input_tokens": answer.input_tokens,
+                        "output_tokens": answer.output_tokens,
+                        "provider": answer.provider,
+                    },
+                    "cost_usd": cost,
+                },
+            )
+        return self._settle(answer, source="provider")
+
+    def _settle(self, answer: Answer, *, source: str, saved: Decimal | None = None) -> dict[str, Any]:
+        """Record the step completed with `answer`, its usage and (redacted) exchange; the stored output."""
+        ctx = self.ctx
+        cached = source == "cache"
+        cost = Decimal(0) if cached else cost_usd(answer.model, answer.input_tokens, answer.output_tokens)
+        usage = {
+            "model": answer.model,
+            "provider": answer.provider,
+            "input_tokens": answer.input_tokens,
+            "output_tokens": answer.output_tokens,
+            "cost_usd": str(cost),
+            "latency_ms": 0 if cached else answer.latency_ms,
+            "cached": cached,
+            "request_hash": self.key_hash,
+            "attempts": answer.attempts,
+        }
+        if cached:
+            usage["saved_usd"] = str(saved or 0)
+        if source in ("cassette", "recorded"):
+            usage["cassette"] = "replayed" if source == "cassette" else "recorded"
+        exchange = redact_json({"api": self.exchange.api, "request": self.exchange.request})
+        # The spend (or, from the cache, the saving) commits with the step's row, before this returns.
+        output = ctx._step_succeeded(
+            self.plan,
+            answer.response,
+            meta={"usage": usage, "exchange": exchange},
+            cost=None if cached else cost,
+            saved=(saved or Decimal(0)) if cached else None,
+        )
+        if source == "recorded":
+            self.player.add(
+                Exchange(
+                    api=self.exchange.api,
+                    request=self.exchange.request,
+                    response=answer.response,
+                    usage={k: usage[k] for k in ("model", "provider", "input_tokens", "output_tokens", "cost_usd")},
+                    step=self.plan.key,
+                )
+            )
+        return output
+
+    def fail(self, exc: BaseException) -> Any:
+        if self.sink is not None:
+            self.sink.flush()
+        return self.ctx._step_failed(self.plan, exc)
+
+
+def _visible_text(api: str, response: dict[str, Any]) -> str:
+    """The text of a recorded response, to show again as the step's token stream."""
+    if api == "chat":
+        return str(response.get("text") or "")
+    return str(response.get("dex_text") or "")
 
 
 class AIContext:
@@ -139,17 +352,35 @@ class AIContext:
         """Ask `model` (then each of `fallbacks`) and return its Completion (`.text`, `.tool_calls`,
         `.model`...). Recorded as a step: never asked twice for this run."""
         ctx = self._ctx
-        self._check_budget(id, model, messages, params)
-        plan = ctx._step_begin(id, kind=StepKind.AI, retry=retry, timeout=timeout)
-        if plan.memoized:
-            return Completion.from_dict(plan.output)
         request = LLMRequest(model=model, messages=list(messages), tools=tools, params=dict(params))
-        key_hash = request_hash(model, messages, params, tools)
-        if cache:
-            hit = LlmCacheEntry.objects.filter(request_hash=key_hash).first()
-            if hit is not None:
-                return self._answered_from_cache(plan, hit, stream)
-        sink = _ChunkSink(ctx, plan.key, plan.attempt) if stream else None
+        exchange = Exchange(
+            api="chat",
+            request={
+                "model": model,
+                "fallbacks": list(fallbacks),
+                "messages": list(messages),
+                "tools": list(tools or []),
+                "params": {k: v for k, v in params.items() if k not in TRANSPORT_PARAMS},
+            },
+        )
+        step = _AIStep(
+            self,
+            id,
+            exchange,
+            model=model,
+            cache=cache,
+            stream=stream,
+            retry=retry,
+            timeout=timeout,
+            estimate_params=params,
+        )
+        memo = step.begin()
+        if memo is not None:
+            return Completion.from_dict(memo)
+        done = step.recorded()
+        if done is not None:
+            return Completion.from_dict(done)
+        sink = step.sink
         attempts: list[dict] = []
 
         def ask() -> Completion:
@@ -176,38 +407,20 @@ class AIContext:
             raise NonRetriableError(str(failure)) from failure
 
         try:
-            completion = ctx._call_sync(plan, ask, (), {})
+            completion = ctx._call_sync(step.plan, ask, (), {})
         except Exception as exc:
-            if sink is not None:
-                sink.flush()
-            return ctx._step_failed(plan, exc)
-        finally:
-            if sink is not None:
-                sink.flush()
-        cost = cost_usd(completion.model, completion.input_tokens, completion.output_tokens)
-        usage = {
-            "model": completion.model,
-            "provider": completion.provider,
-            "input_tokens": completion.input_tokens,
-            "output_tokens": completion.output_tokens,
-            "cost_usd": str(cost),
-            "latency_ms": completion.latency_ms,
-            "cached": False,
-            "request_hash": key_hash,
-            "attempts": attempts,
-        }
-        if cache:
-            LlmCacheEntry.objects.get_or_create(
-                request_hash=key_hash,
-                defaults={
-                    "model": completion.model,
-                    "response": completion.to_dict(),
-                    "usage": {"input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens},
-                    "cost_usd": cost,
-                },
-            )
-        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage}, cost=cost)
-        return Completion.from_dict(output)
+            return step.fail(exc)
+        answer = Answer(
+            response=completion.to_dict(),
+            model=completion.model,
+            provider=completion.provider,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            latency_ms=completion.latency_ms,
+            attempts=attempts,
+            text=completion.text,
+        )
+        return Completion.from_dict(step.succeed(answer))
 
     def run_tools(
         self,
@@ -242,31 +455,8 @@ class AIContext:
                 )
         raise NonRetriableError(f"the tool loop {id!r} reached max_turns={max_turns} without a final answer")
 
-    def _answered_from_cache(self, plan: Any, hit: LlmCacheEntry, stream: bool) -> Completion:
-        ctx = self._ctx
-        LlmCacheEntry.objects.filter(pk=hit.pk).update(hits=hit.hits + 1)
-        completion = Completion.from_dict(hit.response)
-        if stream and completion.text:
-            sink = _ChunkSink(ctx, plan.key, plan.attempt)
-            sink.add(completion.text)
-            sink.flush()
-        usage = {
-            "model": completion.model,
-            "provider": completion.provider,
-            "input_tokens": completion.input_tokens,
-            "output_tokens": completion.output_tokens,
-            "cost_usd": "0",
-            "latency_ms": 0,
-            "cached": True,
-            "saved_usd": str(hit.cost_usd),
-            "request_hash": hit.request_hash,
-            "attempts": [],
-        }
-        output = ctx._step_succeeded(plan, completion.to_dict(), meta={"usage": usage}, saved=hit.cost_usd)
-        return Completion.from_dict(output)
-
     # -- budget ----------------------------------------------------------------------------------------
-    def _check_budget(self, id: str, model: str, messages: list[dict], params: dict) -> None:
+    def _check_budget(self, id: str, model: str, messages: Any, params: dict) -> None:
         """Before a new call that would pass the budget, park in a "continue?" approval. Replays consume
         recorded approvals in order, so the check is deterministic."""
         ctx = self._ctx
@@ -297,6 +487,75 @@ class AIContext:
                 "and spending more was not approved"
             )
         self._approved_extra += extra
+
+
+OnText = Callable[[str], Awaitable[None]]
+
+
+async def aexchange(
+    ctx: RunContext,
+    id: str,
+    exchange: Exchange,
+    call: Callable[[OnText], Awaitable[Answer]],
+    *,
+    model: str,
+    cache: bool = True,
+    stream: bool = False,
+    retry: Retry | None = None,
+    timeout: float | timedelta | None = None,
+    estimate_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An LLM exchange as a step, for a framework whose model calls are coroutines (runs.integrations).
+
+    `call(on_text)` asks the framework's model (awaiting `on_text(delta)` for each piece of streamed text)
+    and returns its Answer; it runs on the caller's event loop, under the step's timeout. Everything that
+    touches the database runs on the run's own thread (asgiref's `sync_to_async`, thread-sensitive), as an
+    async task's `ctx.step` does. Returns the step's output: the answer's `response`, recorded or fresh.
+    Raises what the engine raises to park, fail or stop the run (BaseExceptions): let them through.
+    """
+    step = _AIStep(
+        ctx.ai,
+        id,
+        exchange,
+        model=model,
+        cache=cache,
+        stream=stream,
+        retry=retry,
+        timeout=timeout,
+        estimate_params=estimate_params,
+        autoflush=False,
+    )
+    memo = await sync_to_async(step.begin)()
+    if memo is not None:
+        return memo
+    done = await sync_to_async(step.recorded)()
+    if done is not None:
+        return done
+    sink = step.sink
+
+    async def on_text(text: str) -> None:
+        if sink is not None:
+            sink.add(text)
+            if sink.due():
+                await sync_to_async(sink.flush)()
+
+    budget, is_run_budget = ctx._effective_timeout(step.plan)
+    ctx._step_attempt = step.plan.attempt
+    try:
+        with ctx._scope(step.plan.key):
+            answer = await asyncio.wait_for(call(on_text), budget)
+    except TimeoutError:
+        ctx._step_attempt = None
+        if is_run_budget:
+            ctx._timed_out = True
+            raise RunTimedOut() from None
+        exc = StepTimeout(f"step {step.plan.key!r} ran past its timeout of {budget:g}s")
+        return await sync_to_async(step.fail)(exc)
+    except Exception as exc:
+        ctx._step_attempt = None
+        return await sync_to_async(step.fail)(exc)
+    ctx._step_attempt = None
+    return await sync_to_async(step.succeed)(answer)
 
 
 def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:

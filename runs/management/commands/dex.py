@@ -6,6 +6,7 @@
     manage.py dex retry RUN_ID
     manage.py dex events send NAME [--data JSON|@file] [--id ID]
     manage.py dex events list [--name NAME] [--limit N]
+    manage.py dex cassette export RUN_ID -o FILE   (the run's LLM exchanges, secrets redacted; `-o -`: stdout)
 
 Every action is recorded in the audit log (as the --user given, else unattributed, with `via: cli` and the
 OS user). Bad input is a CommandError (exit status 1) that says what to fix; `trigger --wait` also exits 1
@@ -25,6 +26,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from runs import services
+from runs.ai import cassettes
 from runs.models import Event, Run, RunStatus
 from runs.ops.audit import Actor
 from runs.sdk.registry import UnknownTask, registry
@@ -38,7 +40,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--user", help="Record actions in the audit log as this Django user.")
-        actions = parser.add_subparsers(dest="action", required=True, metavar="{trigger,runs,cancel,retry,events}")
+        actions = parser.add_subparsers(
+            dest="action", required=True, metavar="{trigger,runs,cancel,retry,events,cassette}"
+        )
 
         trigger = actions.add_parser("trigger", help="Start a run of a task and print its id.")
         trigger.add_argument("task", help="The task id (see `manage.py dex runs` or /tasks/).")
@@ -68,6 +72,14 @@ class Command(BaseCommand):
         listing.add_argument("--name", help="Only events of this name.")
         listing.add_argument("--limit", type=int, default=20, help=f"At most this many (1-{MAX_LIMIT}).")
 
+        cassette = actions.add_parser("cassette", help="LLM cassettes for tests (runs.testing.run_task).")
+        cassette_actions = cassette.add_subparsers(dest="cassette_action", required=True, metavar="{export}")
+        export = cassette_actions.add_parser(
+            "export", help="Write the LLM exchanges a run made (and its child runs), secrets redacted."
+        )
+        export.add_argument("run_id", help="The run's id.")
+        export.add_argument("-o", "--output", required=True, help="The cassette file to write ('-': stdout).")
+
     def handle(self, *args: Any, action: str, user: str | None = None, **options: Any) -> None:
         self.actor = Actor.cli(_user(user))
         if action == "trigger":
@@ -88,6 +100,8 @@ class Command(BaseCommand):
             except services.RunStateError as exc:
                 raise CommandError(str(exc)) from None
             self.stdout.write(f"Retrying run {run.pk} from its failed step ({run.status}).")
+        elif action == "cassette":
+            self.export_cassette(_run(options["run_id"]), options["output"])
         elif options["events_action"] == "send":
             self.send_event(options["name"], _json(options["data"], "--data"), options["id"])
         else:
@@ -173,6 +187,22 @@ class Command(BaseCommand):
         self.stdout.write(f"Sent {event.name} ({event.pk}): resumed {len(resumed)} run(s), started {len(started)}.")
         for error in outcome.get("errors", []):
             self.stderr.write(f"  could not start {error.get('task')}: {error.get('message')}")
+
+    def export_cassette(self, run: Run, output: str) -> None:
+        exported = cassettes.export_run(run)
+        exchanges, header = exported["exchanges"], exported["header"]
+        if not exchanges:
+            raise CommandError(f"run {run.pk} made no recorded LLM exchange: there is nothing to put in a cassette")
+        if output == "-":
+            self.stdout.write(cassettes.dump(exchanges, **header), ending="")
+        else:
+            try:
+                cassettes.save(output, exchanges, **header)
+            except OSError as exc:
+                raise CommandError(f"cannot write {output}: {exc.strerror or exc}") from None
+            self.stderr.write(f"Wrote {len(exchanges)} exchange(s) of run {run.pk} to {output}.")
+        for key in header.get("unrecorded_steps", []):
+            self.stderr.write(f"  step {key!r} recorded no request (made by an older Dex): left out")
 
     def list_events(self, *, name: str | None, limit: int) -> None:
         events = Event.objects.order_by("-id")
