@@ -239,6 +239,15 @@ def provider_configs() -> list[ProviderConfig]:
     return provider_configs_from(raw) if raw else default_provider_configs()
 
 
+def config_for(model: str) -> ProviderConfig:
+    """The configured provider that serves `model` (first match), as the router would pick it: what the
+    framework integrations build a framework's own client from."""
+    for config in provider_configs():
+        if config.serves(model):
+            return config
+    raise ProviderError(f"no provider configured for model {model!r} (see DEX_LLM_PROVIDERS)")
+
+
 # --- providers --------------------------------------------------------------------------------------------
 
 
