@@ -10,8 +10,11 @@ tool results from that point on contain; the most advanced state comes first.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel
 from pydantic_ai import Agent, ModelRetry, RunContext
+from pydantic_ai.mcp import MCPToolset
 
 from runs.integrations.pydantic_ai import DexAgent, dex_model
 from runs.sdk import Retry, task
@@ -131,3 +134,23 @@ def pai_text(ctx, prompt: str) -> str:
 def pai_in_step(ctx) -> str:
     agent = DexAgent(Agent(dex_model("gpt-5-mini"), name="packer"))
     return ctx.step("nested", lambda: agent.run_sync("hello").output)
+
+
+MCP_SERVER = str(Path(__file__).with_name("mcp_server.py"))
+
+
+@task("t-pai-mcp", retry=Retry(attempts=3, initial=0.05, max_delay=0.2))
+def pai_mcp(ctx, ledger: str) -> dict:
+    """An MCP server's tool call as a step; a step after the agent fails once, so the run executes again
+    from the top and must not call the MCP tool (or the model) a second time."""
+    agent = Agent(dex_model("gpt-5-mini"), name="travel", toolsets=[MCPToolset(MCP_SERVER, id="travel-log")])
+    answer = DexAgent(agent).run_sync(f"log my visit to Lisbon in {ledger}").output
+    ctx.step("after", _fails_once, ledger)
+    return {"answer": answer}
+
+
+def _fails_once(ledger: str) -> str:
+    record(ledger, "after")
+    if ledger_lines(ledger).count("after") == 1:
+        raise ConnectionError("flaky")
+    return "ok"

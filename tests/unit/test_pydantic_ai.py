@@ -142,3 +142,33 @@ def test_dex_agent_inside_a_step_is_a_clear_error(llm, tmp_path):
     run = run_task("t-pai-in-step", {})
     assert run.status == RunStatus.FAILED
     assert "called inside the step 'nested'" in run.error["message"]
+
+
+def test_an_mcp_tool_call_is_a_step_that_never_runs_twice(settings, tmp_path):
+    from runs.ai.testserver import serve_in_thread
+
+    ledger = tmp_path / "ledger"
+    script = {
+        "rules": [
+            {"contains": "visit to Lisbon recorded", "reply": "Logged."},
+            {"tool_calls": [{"name": "record_visit", "arguments": {"ledger": str(ledger), "city": "Lisbon"}}]},
+        ]
+    }
+    server, base_url = serve_in_thread(script=script)
+    settings.DEX_LLM_PROVIDERS = json.dumps({"local": {"kind": "openai", "base_url": base_url, "models": ["*"]}})
+    try:
+        run = run_task("t-pai-mcp", {"ledger": str(ledger)})
+        assert run.status == RunStatus.COMPLETED, run.error
+        assert run.output == {"answer": "Logged."}
+        assert [s.key for s in run.steps.order_by("seq")] == [
+            "travel:model",
+            "travel:record_visit",
+            "travel:model#1",
+            "after",
+        ]
+        # The run executed twice ("after" failed once); the MCP tool and the model were asked once each.
+        assert ledger_lines(ledger) == ["mcp record_visit Lisbon", "after", "after"]
+        assert server.stats()["requests"] == 2
+        assert run.steps.get(key="travel:record_visit").output["value"] == "visit to Lisbon recorded"
+    finally:
+        server.stop()
