@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import BaseModel
-from pydantic_ai import Agent, ModelRetry, RunContext
+from pydantic_ai import Agent, ModelRetry, NativeOutput, RunContext
 from pydantic_ai.mcp import MCPToolset
 
 from runs.integrations.pydantic_ai import DexAgent, dex_model
@@ -154,3 +154,11 @@ def _fails_once(ledger: str) -> str:
     if ledger_lines(ledger).count("after") == 1:
         raise ConnectionError("flaky")
     return "ok"
+
+
+@task("t-pai-native-output", retry=Retry(attempts=1))
+def pai_native_output(ctx, prompt: str) -> dict:
+    """Structured output through the provider's JSON schema mode (response_format), not an output tool."""
+    agent = Agent(dex_model("gpt-5-mini"), name="planner", output_type=NativeOutput(TripAdvice))
+    result = DexAgent(agent).run_sync(prompt)
+    return result.output.model_dump()

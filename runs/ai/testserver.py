@@ -19,6 +19,12 @@ How it answers, first rule that applies:
 4. after a tool result: "Tool <name> returned: <result>"; otherwise "Summary: " + the first 12 words of the
    last user message.
 
+Structured output: with `response_format` `{"type": "json_schema", "json_schema": {"schema": ...}}` a text
+answer is JSON: a rule's `"output": {...}` or a reply that is JSON already, else an instance the server
+builds from the schema (every property filled: strings from the answer's text, the first of an enum, ...);
+with `{"type": "json_object"}`, `{"answer": <text>}` unless the reply is a JSON object. Rules may also match
+on `"calls": N` (the N-th request the server received, 1-based) and `"last_role"` ("user", "tool").
+
 Token counts are words (at least 1): input is every message's words, output the answer's (or the tool
 calls' names and arguments).
 """
@@ -60,6 +66,7 @@ class Conversation:
     include_usage: bool
     body_key: str  # identifies this exact request body, for `[[fail: ...]]` counting
     tool_names: dict[str, str] = field(default_factory=dict)  # tool call id -> tool name, from the history
+    response_format: dict[str, Any] | None = None  # OpenAI's structured output request, as sent
 
     def texts(self, roles: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")) -> list[str]:
         return [text for role, text in self.messages if role in roles]
@@ -127,9 +134,8 @@ class LLMServer(ThreadingHTTPServer):
             self.seen_bodies[conversation.body_key] += 1
             nth = self.seen_bodies[conversation.body_key]  # this body's 1st, 2nd, ... request
             rule = self._take_rule(conversation)
-        if rule is not None:
-            return answer_from_rule(rule, conversation)
-        return answer_from_directives(conversation, nth)
+        answer = answer_from_rule(rule, conversation) if rule is not None else answer_from_directives(conversation, nth)
+        return structured(answer, conversation)
 
     def _take_rule(self, conversation: Conversation) -> dict | None:
         everything = "\n".join(conversation.texts())
@@ -137,6 +143,10 @@ class LLMServer(ThreadingHTTPServer):
             if not fnmatch.fnmatchcase(conversation.model, rule.get("model", "*")):
                 continue
             if rule.get("contains") and rule["contains"] not in everything:
+                continue
+            if rule.get("calls") is not None and rule["calls"] != self.requests:
+                continue
+            if rule.get("last_role") and rule["last_role"] != conversation.last_role:
                 continue
             if rule.get("times") is not None and self.rule_uses[i] >= rule["times"]:
                 continue
@@ -182,6 +192,8 @@ def answer_from_rule(rule: dict, conversation: Conversation) -> Answer:
         answer.error = rule.get("error", f"scripted {answer.status}")
     elif rule.get("tool_calls"):
         answer.tool_calls = [{"name": c["name"], "arguments": c.get("arguments", {})} for c in rule["tool_calls"]]
+    elif "output" in rule:
+        answer.text = json.dumps(rule["output"])
     elif "reply" in rule:
         answer.text = str(rule["reply"])
     else:
@@ -222,6 +234,62 @@ def answer_from_directives(conversation: Conversation, nth: int) -> Answer:
     replies = [arg for name, arg in said if name == "reply"]
     answer.text = replies[-1] if replies else default_text(conversation)
     return answer
+
+
+def structured(answer: Answer, conversation: Conversation) -> Answer:
+    """Make a text answer the JSON that the request's `response_format` asks for."""
+    fmt = conversation.response_format or {}
+    if answer.status != 200 or answer.tool_calls or fmt.get("type") not in ("json_schema", "json_object"):
+        return answer
+    try:
+        parsed = json.loads(answer.text)
+    except ValueError:
+        parsed = None
+    if fmt["type"] == "json_object":
+        if not isinstance(parsed, dict):
+            answer.text = json.dumps({"answer": answer.text})
+        return answer
+    if parsed is None:
+        schema = (fmt.get("json_schema") or {}).get("schema") or {}
+        answer.text = json.dumps(instance_of(schema, schema, answer.text))
+    return answer
+
+
+def instance_of(schema: Any, root: dict, text: str, depth: int = 0) -> Any:
+    """A deterministic value valid for a JSON schema (the subset OpenAI's structured outputs use)."""
+    if not isinstance(schema, dict) or depth > 12:
+        return None
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return instance_of(target, root, text, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        options = [o for o in schema.get(combinator) or [] if not (isinstance(o, dict) and o.get("type") == "null")]
+        if options:
+            return instance_of(options[0], root, text, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        return {name: instance_of(sub, root, text, depth + 1) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [instance_of(schema.get("items") or {}, root, text, depth + 1)] * max(1, schema.get("minItems", 1))
+    if kind == "integer":
+        return max(word_count(text), int(schema.get("minimum", 0)))
+    if kind == "number":
+        return float(max(word_count(text), schema.get("minimum", 0)))
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
 
 
 def default_text(conversation: Conversation) -> str:
@@ -302,6 +370,7 @@ def openai_conversation(body: dict, key: str) -> Conversation:
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
         body_key=key,
         tool_names=tool_names,
+        response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
     )
 
 

@@ -240,6 +240,57 @@ def test_a_scripted_sequence_is_followed_exactly(llm: tuple[LLMServer, str]):
     assert result.completion.text == "third time"
 
 
+TRIP_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer", "minimum": 2},
+        "mood": {"enum": ["calm", "busy"]},
+        "stops": {"type": "array", "items": {"$ref": "#/$defs/Stop"}},
+        "note": {"anyOf": [{"type": "null"}, {"type": "string"}]},
+    },
+    "required": ["city", "days", "mood", "stops", "note"],
+    "$defs": {"Stop": {"type": "object", "properties": {"name": {"type": "string"}, "open": {"type": "boolean"}}}},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_follows_the_json_schema_asked_for(llm: tuple[LLMServer, str], stream: bool):
+    client = openai.OpenAI(api_key="dex-local", base_url=llm[1], max_retries=0)
+    response_format = {"type": "json_schema", "json_schema": {"name": "trip", "schema": TRIP_SCHEMA, "strict": True}}
+    kwargs = {"model": "gpt-5-mini", "messages": user("plan a trip"), "response_format": response_format}
+    if stream:
+        text = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(stream=True, **kwargs)
+            if chunk.choices
+        )
+    else:
+        text = client.chat.completions.create(**kwargs).choices[0].message.content
+    trip = json.loads(text)
+    assert trip == {
+        "city": "Summary: plan a trip",
+        "days": 4,  # the answer's words, at least the minimum
+        "mood": "calm",
+        "stops": [{"name": "Summary: plan a trip", "open": True}],
+        "note": "Summary: plan a trip",
+    }
+
+
+def test_a_rule_gives_the_structured_output_and_may_match_the_nth_call():
+    script = {"rules": [{"calls": 2, "output": {"city": "Oslo"}}, {"reply": "not JSON at all"}]}
+    server, base_url = serve_in_thread(script=script)
+    try:
+        client = openai.OpenAI(api_key="dex-local", base_url=base_url, max_retries=0)
+        fmt = {"type": "json_object"}
+        first = client.chat.completions.create(model="m", messages=user("a"), response_format=fmt)
+        second = client.chat.completions.create(model="m", messages=user("b"), response_format=fmt)
+    finally:
+        server.stop()
+    assert json.loads(first.choices[0].message.content) == {"answer": "not JSON at all"}
+    assert json.loads(second.choices[0].message.content) == {"city": "Oslo"}
+
+
 # --- Anthropic protocol ---------------------------------------------------------------------------------------
 
 

@@ -172,3 +172,23 @@ def test_an_mcp_tool_call_is_a_step_that_never_runs_twice(settings, tmp_path):
         assert run.steps.get(key="travel:record_visit").output["value"] == "visit to Lisbon recorded"
     finally:
         server.stop()
+
+
+def test_structured_output_in_the_providers_json_schema_mode(settings):
+    from runs.ai.testserver import serve_in_thread
+
+    server, base_url = serve_in_thread()
+    settings.DEX_LLM_PROVIDERS = json.dumps({"local": {"kind": "openai", "base_url": base_url, "models": ["*"]}})
+    try:
+        run = run_task("t-pai-native-output", {"prompt": "two days in Porto"})
+    finally:
+        server.stop()
+    assert run.status == RunStatus.COMPLETED, run.error
+    # The server built the answer from the JSON schema the agent sent (response_format): valid TripAdvice.
+    assert run.output == {
+        "city": "Summary: two days in Porto",
+        "temperature_c": 5,
+        "advice": "Summary: two days in Porto",
+    }
+    request = run.steps.get(key="planner:model").meta["exchange"]["request"]
+    assert request["parameters"]["output_mode"] == "native"
