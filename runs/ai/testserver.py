@@ -16,6 +16,10 @@ How it answers, first rule that applies:
 3. answer directives in the system messages and the last user message: `[[tool: name {"json": "args"}]]`
    calls that tool when the request offers tools and the last message isn't a tool result (several make
    parallel calls); `[[reply: text]]` answers `text`;
+3b. with tools offered and no directive, the server acts like an agent: it calls the tool not called yet in
+   the conversation that shares most words with the last user message (its name and description count;
+   ties go to the order offered), one per turn, with arguments built from the tool's schema; when each was
+   called, Pydantic AI's output tool (`final_result...`) if offered, else it answers;
 4. after a tool result: "Tool <name> returned: <result>"; otherwise "Summary: " + the first 12 words of the
    last user message.
 
@@ -48,6 +52,8 @@ from typing import Any
 DIRECTIVE = re.compile(r"\[\[\s*([a-z][a-z-]*)\s*(?::\s*(.*?))?\s*\]\]", re.S)
 FAIL_SPEC = re.compile(r"^(\d{3})(?:\s*x\s*(\d+))?$")
 SUMMARY_WORDS = 12
+OUTPUT_TOOL_PREFIX = "final_result"  # Pydantic AI's output tools: called last, to give the structured answer
+_WORD = re.compile(r"[a-z0-9]+")
 DEFAULT_RETRY_AFTER = 0.1
 MODELS = ["local-small", "local-large", "gpt-5-mini", "claude-haiku"]  # what GET /v1/models lists, plus seen ones
 
@@ -67,6 +73,7 @@ class Conversation:
     body_key: str  # identifies this exact request body, for `[[fail: ...]]` counting
     tool_names: dict[str, str] = field(default_factory=dict)  # tool call id -> tool name, from the history
     response_format: dict[str, Any] | None = None  # OpenAI's structured output request, as sent
+    tools: list[dict[str, Any]] = field(default_factory=list)  # offered: [{"name", "description", "parameters"}]
 
     def texts(self, roles: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")) -> list[str]:
         return [text for role, text in self.messages if role in roles]
@@ -232,8 +239,38 @@ def answer_from_directives(conversation: Conversation, nth: int) -> Answer:
         if answer.tool_calls:
             return answer
     replies = [arg for name, arg in said if name == "reply"]
+    if not replies and conversation.tools and (call := next_tool_call(conversation)) is not None:
+        answer.tool_calls = [call]
+        return answer
     answer.text = replies[-1] if replies else default_text(conversation)
     return answer
+
+
+def next_tool_call(conversation: Conversation) -> dict[str, Any] | None:
+    """What an agent would do next offline: call the offered tool not called yet in this conversation that
+    shares most words with the last user message (ties: the order offered), arguments built from its schema;
+    once every tool was called, an output tool (Pydantic AI's `final_result...`) if one is offered."""
+    called = {name for key, name in conversation.tool_names.items() if key != "__last__"}
+    wanted = set(_WORD.findall(strip_directives(conversation.last_user_text()).lower()))
+    tools = [tool for tool in conversation.tools if tool["name"] not in called]
+    functions = [tool for tool in tools if not tool["name"].startswith(OUTPUT_TOOL_PREFIX)]
+    if functions:
+        chosen = max(
+            functions,
+            key=lambda tool: len(wanted & set(_WORD.findall(f"{tool['name']} {tool['description']}".lower()))),
+        )
+    elif tools:
+        chosen = tools[0]
+    else:
+        return None
+    text = (
+        default_text(conversation)
+        if conversation.last_role == "tool"
+        else strip_directives(conversation.last_user_text())
+    )
+    schema = chosen["parameters"] or {"type": "object", "properties": {}}
+    arguments = instance_of(schema, schema, text)
+    return {"name": chosen["name"], "arguments": arguments if isinstance(arguments, dict) else {}}
 
 
 def structured(answer: Answer, conversation: Conversation) -> Answer:
@@ -371,6 +408,15 @@ def openai_conversation(body: dict, key: str) -> Conversation:
         body_key=key,
         tool_names=tool_names,
         response_format=body.get("response_format") if isinstance(body.get("response_format"), dict) else None,
+        tools=[
+            {
+                "name": str(fn.get("name") or ""),
+                "description": str(fn.get("description") or ""),
+                "parameters": fn.get("parameters") or {},
+            }
+            for tool in body.get("tools") or []
+            if isinstance(tool, dict) and isinstance(fn := tool.get("function", tool), dict) and fn.get("name")
+        ],
     )
 
 
@@ -399,6 +445,15 @@ def anthropic_conversation(body: dict, key: str) -> Conversation:
         include_usage=True,
         body_key=key,
         tool_names=tool_names,
+        tools=[
+            {
+                "name": str(tool.get("name") or ""),
+                "description": str(tool.get("description") or ""),
+                "parameters": tool.get("input_schema") or {},
+            }
+            for tool in body.get("tools") or []
+            if isinstance(tool, dict) and tool.get("name")
+        ],
     )
 
 

@@ -291,6 +291,32 @@ def test_a_rule_gives_the_structured_output_and_may_match_the_nth_call():
     assert json.loads(second.choices[0].message.content) == {"city": "Oslo"}
 
 
+def test_without_directives_it_calls_each_offered_tool_once_the_most_relevant_first(server: LLMServer, local: Router):
+    tools = [
+        {"name": "lookup_order", "description": "Find an order.", "parameters": {"type": "object", "properties": {}}},
+        WEATHER_TOOL,
+        {
+            "name": "final_result",
+            "description": "The final answer.",
+            "parameters": {"type": "object", "properties": {"verdict": {"enum": ["go", "stay"]}}},
+        },
+    ]
+    messages = user("what is the weather in Oslo")
+    calls = []
+    for _ in range(4):
+        completion = call_with_failover(LLMRequest("gpt-5-mini", messages, tools=tools), router=local).completion
+        if not completion.tool_calls:
+            break
+        [call] = completion.tool_calls
+        calls.append((call["name"], call["arguments"]))
+        messages += [completion.message(), {"role": "tool", "tool_call_id": call["id"], "content": "done"}]
+    assert calls == [
+        ("get_weather", {"city": "what is the weather in Oslo"}),  # shares "weather" with the question
+        ("lookup_order", {}),
+        ("final_result", {"verdict": "go"}),  # the output tool once every other tool was called
+    ]
+
+
 # --- Anthropic protocol ---------------------------------------------------------------------------------------
 
 
