@@ -249,7 +249,8 @@ def answer_from_directives(conversation: Conversation, nth: int) -> Answer:
 def next_tool_call(conversation: Conversation) -> dict[str, Any] | None:
     """What an agent would do next offline: call the offered tool not called yet in this conversation that
     shares most words with the last user message (ties: the order offered), arguments built from its schema;
-    once every tool was called, an output tool (Pydantic AI's `final_result...`) if one is offered."""
+    once every tool was called, an output tool (Pydantic AI's `final_result...`) if one is offered. Strings
+    in the arguments are the last user message's words (an output tool's: the answer, as text, so far)."""
     called = {name for key, name in conversation.tool_names.items() if key != "__last__"}
     wanted = set(_WORD.findall(strip_directives(conversation.last_user_text()).lower()))
     tools = [tool for tool in conversation.tools if tool["name"] not in called]
@@ -263,11 +264,8 @@ def next_tool_call(conversation: Conversation) -> dict[str, Any] | None:
         chosen = tools[0]
     else:
         return None
-    text = (
-        default_text(conversation)
-        if conversation.last_role == "tool"
-        else strip_directives(conversation.last_user_text())
-    )
+    output = chosen["name"].startswith(OUTPUT_TOOL_PREFIX)
+    text = default_text(conversation) if output else strip_directives(conversation.last_user_text())
     schema = chosen["parameters"] or {"type": "object", "properties": {}}
     arguments = instance_of(schema, schema, text)
     return {"name": chosen["name"], "arguments": arguments if isinstance(arguments, dict) else {}}

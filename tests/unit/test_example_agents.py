@@ -146,6 +146,20 @@ def test_code_review_approves_a_clean_diff(llm):
     assert run.output["findings"] == [] and run.output["verdict"] == "approve"
 
 
+def test_code_review_without_ruff_fails_saying_how_to_install_it(llm, monkeypatch):
+    import importlib.util
+
+    from runs.testing import run_task
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ruff" else real(name, *a))
+    run = run_task("code-review-agent", {"diff": NEW_FILE_DIFF})
+    assert run.status == RunStatus.FAILED
+    assert run.error["step"] == "lint"
+    assert "ruff, which is not installed" in run.error["message"] and "uv sync" in run.error["message"]
+    assert run.steps.get(key="lint").attempts == 1  # nothing a retry could fix
+
+
 # --- booking-saga -----------------------------------------------------------------------------------------
 
 
@@ -298,3 +312,28 @@ def test_fan_out_summariser_with_no_documents(llm):
 
     run = run_task("fan-out-summariser", {"documents": []})
     assert run.status == RunStatus.COMPLETED and run.output == {"summaries": [], "overview": ""}
+
+
+# --- pydantic-research-agent (Pydantic AI, durable through DexAgent) ----------------------------------------
+
+
+def test_pydantic_research_agent_searches_reads_and_answers_offline(llm):
+    from runs.testing import run_task
+
+    run = run_task("pydantic-research-agent", {"question": "how do context managers work"})
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert [s.key for s in run.steps.order_by("seq")] == [
+        "researcher:model",
+        "researcher:search_reference",
+        "researcher:model#1",
+        "researcher:read_topic",
+        "researcher:model#2",
+    ]
+    hits = run.steps.get(key="researcher:search_reference").output["value"]
+    assert "context-managers" in {hit["topic"] for hit in hits}
+    read = run.steps.get(key="researcher:read_topic").output["value"]
+    assert read["topic"] == "context-managers" and "__enter__" in read["text"]
+    # The local server answered with the structured output, built from what the tools returned.
+    assert "Tool read_topic returned" in run.output["answer"] and run.output["topics"]
+    assert run.output["model_requests"] == 3 and run.output["tool_calls"] == 2
+    assert run.cost_usd > 0
