@@ -5,10 +5,14 @@ as its hunks' context and added lines, placed at their line numbers), `ruff chec
 only findings on lines the diff adds are kept. For a file the diff only shows in part, rules that need the
 whole file (unused or undefined names, import order) are skipped: the rest of the file may well use or
 define them.
+
+ruff is a development tool, not one of Dex's runtime dependencies: `uv sync` installs it (the dev group).
+Where it is missing, the lint step fails at once saying how to install it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -115,6 +119,11 @@ def lint_diff(diff: str) -> dict:
     files = [f for f in parse_diff(diff) if f.path.endswith(PYTHON_SUFFIXES) and f.added]
     if not files:
         return {"files": [], "findings": []}
+    if importlib.util.find_spec("ruff") is None:  # the same interpreter runs it: `python -m ruff`
+        raise NonRetriableError(
+            "code-review-agent lints with ruff, which is not installed in this environment: `uv sync` installs "
+            "it (Dex's dev dependencies), or `pip install ruff`"
+        )
     with tempfile.TemporaryDirectory(prefix="dex-review-") as tmp:
         root = Path(tmp)
         for f in files:
