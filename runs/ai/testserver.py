@@ -8,7 +8,9 @@ Endpoints: POST /v1/chat/completions (JSON, or SSE with `stream: true`, with the
 How it answers, first rule that applies:
 1. a rule of the `--script` file whose `model` glob / `contains` text match and whose `times` aren't used up:
    `{"rules": [{"model": "gpt-*", "contains": "hello", "times": 2, "status": 429, "retry_after": 0.1},
-   {"reply": "hi", "delay": 0.2}, {"tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]}`;
+   {"reply": "hi", "delay": 0.2}, {"tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]}`; a rule with no
+   answer (`status`, `tool_calls`, `output`, `reply`) only delays: `{"calls": 3, "delay": 20}` holds the third
+   request, then answers it as if no rule applied;
 2. fault directives anywhere in the messages: `[[model-down: gpt-5-mini, o3]]` (those models always 503;
    bare `[[model-down]]`: every model), `[[fail: 429 x2]]` (the first 2 requests with this exact body get 429
    with `Retry-After: 0.1`, then the next directive or success; `[[fail: 500 x1]]`), `[[slow: 0.5]]` (wait
@@ -52,6 +54,7 @@ from typing import Any
 DIRECTIVE = re.compile(r"\[\[\s*([a-z][a-z-]*)\s*(?::\s*(.*?))?\s*\]\]", re.S)
 FAIL_SPEC = re.compile(r"^(\d{3})(?:\s*x\s*(\d+))?$")
 SUMMARY_WORDS = 12
+ANSWER_KEYS = frozenset({"status", "tool_calls", "output", "reply"})  # a rule with none of them only delays
 OUTPUT_TOOL_PREFIX = "final_result"  # Pydantic AI's output tools: called last, to give the structured answer
 _WORD = re.compile(r"[a-z0-9]+")
 DEFAULT_RETRY_AFTER = 0.1
@@ -141,7 +144,13 @@ class LLMServer(ThreadingHTTPServer):
             self.seen_bodies[conversation.body_key] += 1
             nth = self.seen_bodies[conversation.body_key]  # this body's 1st, 2nd, ... request
             rule = self._take_rule(conversation)
-        answer = answer_from_rule(rule, conversation) if rule is not None else answer_from_directives(conversation, nth)
+        if rule is not None and ANSWER_KEYS & set(rule):
+            answer = answer_from_rule(rule, conversation)
+        else:  # no rule, or one that only delays: the directives (and the offline agent) answer
+            answer = answer_from_directives(conversation, nth)
+            if rule is not None:
+                answer.delay = float(rule.get("delay", answer.delay))
+                answer.chunk_delay = float(rule.get("chunk_delay", answer.chunk_delay))
         return structured(answer, conversation)
 
     def _take_rule(self, conversation: Conversation) -> dict | None:

@@ -277,6 +277,16 @@ def test_structured_output_follows_the_json_schema_asked_for(llm: tuple[LLMServe
     }
 
 
+def test_a_rule_without_an_answer_only_delays_and_the_directives_answer():
+    server, base_url = serve_in_thread(script={"rules": [{"calls": 1, "delay": 0.01}]})
+    try:
+        routes = Router.from_config({"local": {"kind": "openai", "base_url": base_url}})
+        completion = call_with_failover(LLMRequest("m", user("[[reply: as directed]]")), router=routes).completion
+    finally:
+        server.stop()
+    assert completion.text == "as directed"
+
+
 def test_a_rule_gives_the_structured_output_and_may_match_the_nth_call():
     script = {"rules": [{"calls": 2, "output": {"city": "Oslo"}}, {"reply": "not JSON at all"}]}
     server, base_url = serve_in_thread(script=script)
