@@ -9,6 +9,7 @@ import json
 import pytest
 
 import tests.framework_agents  # noqa: F401  (registers the framework tasks in the test process)
+import tests.openai_agent_tasks  # noqa: F401
 from runs import services
 from runs.ai.testserver import serve_in_thread
 from runs.models import Run, RunStatus
@@ -20,6 +21,7 @@ from tests.integration.test_worker import finished
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 AGENT_MODULES = "tests.agents,tests.framework_agents"
+OA_MODULES = "tests.agents,tests.openai_agent_tasks"
 TOOLS_ONCE = ["lookup_order A-7", "get_weather Lisbon", "advise 21C sunny"]
 
 
@@ -111,3 +113,30 @@ def test_a_cassette_exported_from_a_real_run_replays_in_run_task_with_no_provide
 
     with pytest.raises(CassetteMismatch, match=r"(?s)LLM request #1 .*-.*order A-7.*\+.*order B-2"):
         run_task("t-pai-trip", {"ledger": str(ledger), "prompt": "plan my trip for order B-2"}, cassette=cassette)
+
+
+def test_openai_agents_resume_after_sigkill_without_repeating_a_model_or_tool_call(processes, ledger, llm):
+    # The server acts as the agent (each tool once, then the answer); the third model call hangs, once.
+    server, providers = llm({"rules": [{"calls": 3, "delay": 20}]})
+    env = {"DEX_LLM_PROVIDERS": providers, "DEX_AGENT_MODULES": OA_MODULES, "OPENAI_AGENTS_DISABLE_TRACING": "1"}
+    worker = processes.worker(**env)
+    processes.scheduler()
+    run, _ = services.run_trigger(task_id="t-oa-trip", payload={"ledger": str(ledger)})
+    wait_for(lambda: model_calls(server) == 3, timeout=60, what="the third model call to be in flight")
+    assert ledger_lines(ledger) == ["lookup_order", "get_weather"]
+    worker.kill()
+
+    processes.worker(name="replacement", **env)
+    finished(run, timeout=60)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert model_calls(server) == 3 + 2
+    assert ledger_lines(ledger) == ["lookup_order", "get_weather", "advise"]
+    assert run.output["output"] == "Tool advise returned: pack sunglasses"
+    assert Run.objects.get(pk=run.pk).recoveries == 1
+
+    fork = services.run_fork(run=run, step_key="trip:model#2", output="Lisbon: 21C sunny, light wind")
+    finished(fork, timeout=60)
+    assert fork.status == RunStatus.COMPLETED, fork.error
+    assert model_calls(server) == 5 + 2
+    assert ledger_lines(ledger) == ["lookup_order", "get_weather", "advise", "advise"]
+    assert "light wind" in json.dumps(fork.steps.get(key="trip:model#2").meta["exchange"]["request"]["input"])
