@@ -337,3 +337,30 @@ def test_pydantic_research_agent_searches_reads_and_answers_offline(llm):
     assert "Tool read_topic returned" in run.output["answer"] and run.output["topics"]
     assert run.output["model_requests"] == 3 and run.output["tool_calls"] == 2
     assert run.cost_usd > 0
+
+
+# --- triage-agent (OpenAI Agents SDK, durable through run_agent) ---------------------------------------------
+
+
+def test_triage_agent_hands_a_double_charge_to_billing_offline(llm, monkeypatch):
+    from runs.testing import run_task
+
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    run = run_task("triage-agent", {"message": "I was charged twice for order A-17, please refund me."})
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output["team"] == "billing"
+    keys = [s.key for s in run.steps.order_by("seq")]
+    assert keys[:3] == ["triage:model", "triage:handoff:billing", "billing:model"]
+    assert {"billing:lookup_charges", "billing:refund_duplicate_charge"} <= set(keys)
+    refund = run.steps.get(key="billing:refund_duplicate_charge").output
+    assert refund == {"order": "A-17", "refunded": 39.0, "charges_refunded": 1}
+
+
+def test_triage_agent_hands_a_parcel_question_to_shipping_offline(llm, monkeypatch):
+    from runs.testing import run_task
+
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    run = run_task("triage-agent", {"message": "Where is the parcel for order B-4?"})
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output["team"] == "shipping"
+    assert run.steps.get(key="shipping:track_parcel").output == {"order": "B-4", "parcel": "in transit, due Thursday"}
