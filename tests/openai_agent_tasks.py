@@ -8,7 +8,11 @@ first), then answers (runs.ai.testserver).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from agents import Agent, RunContextWrapper, function_tool
+from agents.mcp import MCPServerStdio
 
 from runs.integrations.openai_agents import arun_agent, run_agent
 from runs.sdk import Retry, task
@@ -80,3 +84,17 @@ def _fails_once(ledger: str) -> str:
     if ledger_lines(ledger).count("after") == 1:
         raise ConnectionError("flaky")
     return "ok"
+
+
+MCP_SERVER = str(Path(__file__).with_name("mcp_server.py"))
+
+
+@task("t-oa-mcp", retry=Retry(attempts=3, initial=0.05, max_delay=0.2))
+async def oa_mcp(ctx, ledger: str) -> dict:
+    """An MCP server's tool call as a step; a step after the agent fails once, so the run executes again from
+    the top and must not call the MCP tool (or the model) a second time."""
+    async with MCPServerStdio(params={"command": sys.executable, "args": [MCP_SERVER]}, name="travel-log") as server:
+        agent = Agent(name="travel", instructions="Log visits.", model=MODEL, mcp_servers=[server])
+        result = await arun_agent(ctx, agent, "log my visit to Lisbon")
+    await ctx.step("after", _fails_once, ledger)
+    return {"output": result.final_output}

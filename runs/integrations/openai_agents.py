@@ -38,6 +38,7 @@ protocol. Pass `model_provider=` (or a `run_config` with one) to choose otherwis
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -191,7 +192,12 @@ class _Durable:
         runner_kwargs: dict[str, Any],
     ) -> RunResult:
         starting = self.durable(agent)
-        config = dataclasses.replace(run_config) if run_config is not None else RunConfig()
+        if run_config is not None:
+            config = dataclasses.replace(run_config)
+        else:
+            # The SDK exports its traces to OpenAI with OPENAI_API_KEY; without a key it could only warn about
+            # every run (offline, against the local server).
+            config = RunConfig(tracing_disabled=not os.environ.get("OPENAI_API_KEY"))
         if config.model is not None:  # a run-wide model override: made durable like an agent's own
             config.model = _DexModel(self, self._inner_model(config.model), agent_name=None)
         config.model_provider = _DurableProvider(self)
@@ -399,13 +405,18 @@ async def _streamed(model: Model, args: tuple, kwargs: dict, on_text: Any) -> Mo
 
 
 class _DexMCPServer(MCPServer):
-    """An agent's MCP server whose tool calls are steps (`<agent>:<tool>`); everything else passes through."""
+    """An agent's MCP server whose tool calls are steps (`<agent>:<tool>`). Everything else, the server's
+    settings (approval policy, error function, guardrails...) included, is the wrapped server's."""
 
     def __init__(self, wrapped: MCPServer, durable: _Durable, agent_name: str):
-        super().__init__(use_structured_content=getattr(wrapped, "use_structured_content", False))
+        # No MCPServer.__init__: its defaults would shadow the wrapped server's settings, which __getattr__
+        # hands out instead.
         self.wrapped = wrapped
         self._durable = durable
         self._agent_name = agent_name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
 
     @property
     def name(self) -> str:

@@ -108,3 +108,28 @@ def test_a_cassette_replays_with_no_call_and_a_changed_prompt_fails_with_the_dif
         )
     assert "LLM request #1 (step 'trip:model')" in str(failure.value)
     assert '+      "content": "a trip for B-2"' in str(failure.value)
+
+
+def test_an_mcp_tool_call_is_a_step_that_never_runs_twice(settings, tmp_path, monkeypatch):
+    from runs.ai.testserver import serve_in_thread
+
+    monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
+    ledger = tmp_path / "ledger"
+    call = {"name": "record_visit", "arguments": {"ledger": str(ledger), "city": "Lisbon"}}
+    server, base_url = serve_in_thread(script={"rules": [{"calls": 1, "tool_calls": [call]}]})
+    settings.DEX_LLM_PROVIDERS = json.dumps({"local": {"kind": "openai", "base_url": base_url, "models": ["*"]}})
+    try:
+        run = run_task("t-oa-mcp", {"ledger": str(ledger)})
+    finally:
+        server.stop()
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert [s.key for s in run.steps.order_by("seq")] == [
+        "travel:model",
+        "travel:record_visit",
+        "travel:model#1",
+        "after",
+    ]
+    # The run executed twice ("after" failed once); the MCP tool and the model were asked once each.
+    assert ledger_lines(ledger) == ["mcp record_visit Lisbon", "after", "after"]
+    assert server.stats()["requests"] == 2
+    assert "visit to Lisbon recorded" in json.dumps(run.steps.get(key="travel:record_visit").output)
