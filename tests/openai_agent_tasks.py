@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from agents import Agent, RunContextWrapper, function_tool
+from agents import Agent, RunConfig, RunContextWrapper, function_tool
 from agents.mcp import MCPServerStdio
 
 from runs.integrations.openai_agents import arun_agent, run_agent
@@ -49,8 +49,9 @@ trip.tools = [lookup_order, get_weather, advise]
 
 
 @task("t-oa-trip", retry=Retry(attempts=3, initial=0.05, max_delay=0.2))
-def oa_trip(ctx, ledger: str, prompt: str = "plan my trip for order A-7") -> dict:
-    result = run_agent(ctx, trip, prompt, context=ledger)
+def oa_trip(ctx, ledger: str, prompt: str = "plan my trip for order A-7", workflow: str = "") -> dict:
+    run_config = RunConfig(workflow_name=workflow) if workflow else None
+    result = run_agent(ctx, trip, prompt, context=ledger, run_config=run_config)
     return {"output": result.final_output, "items": len(result.new_items), "agent": result.last_agent.name}
 
 

@@ -48,6 +48,12 @@ def run_context(api: str) -> RunContext | None:
     return ctx
 
 
+def stable_repr(value: object) -> str:
+    """How a value JSON can't hold appears in a recorded request: its type, never its address, so the same
+    request records the same way on every execution (memoisation keys, the cache and cassettes compare it)."""
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
 def unwrap_control_flow(group: BaseExceptionGroup) -> BaseException:
     """What to raise for an exception group out of a framework's task group: the engine's control flow
     (park, cancel, lease lost: BaseExceptions) first, so a run parks or stops as it would without the

@@ -32,7 +32,7 @@ callback: list the agent itself, or keep the callback free of side effects.
 Models: the agent's own `Model` instances are used as they are; a model *name* (or none: the SDK's default)
 goes to the provider Dex routes that name to (runs.ai.providers): the OpenAI Responses API for OpenAI itself,
 Chat Completions for an OpenAI-compatible endpoint such as the local test server, which speaks that
-protocol. Pass `model_provider=` (or a `run_config` with one) to choose otherwise.
+protocol. Pass `model_provider=` (or a `run_config` with a provider of your own) to choose otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from runs.ai.cassettes import Exchange
 from runs.ai.providers import config_for
 from runs.ai.steps import Answer, aexchange
 from runs.engine import AsyncRunContext, RunContext, current_step_key
-from runs.integrations import missing_extra, run_context, unwrap_control_flow
+from runs.integrations import missing_extra, run_context, stable_repr, unwrap_control_flow
 from runs.sdk import NonRetriableError, Retry
 
 try:
@@ -64,6 +64,7 @@ try:
         ModelProvider,
         ModelResponse,
         ModelSettings,
+        MultiProvider,
         OpenAIProvider,
         RunConfig,
         Runner,
@@ -116,7 +117,7 @@ def run_agent(
     run_context("run_agent")
     durable = _Durable(
         sync_ctx,
-        model_provider=model_provider or (run_config.model_provider if run_config else None) or DexModelProvider(),
+        model_provider=_provider(model_provider, run_config),
         stream=stream,
         cache=cache,
         model_retry=model_retry,
@@ -139,12 +140,23 @@ async def arun_agent(ctx: Any, agent: Agent[Any], input: Any, **kwargs: Any) -> 
     run_context("arun_agent")
     durable = _Durable(
         _sync_context(ctx),
-        model_provider=model_provider or (run_config.model_provider if run_config else None) or DexModelProvider(),
+        model_provider=_provider(model_provider, run_config),
         **durable_kwargs,
     )
     return await durable.run(
         agent, input, kwargs.pop("context", None), kwargs.pop("max_turns", None), run_config, kwargs
     )
+
+
+def _provider(model_provider: ModelProvider | None, run_config: RunConfig | None) -> ModelProvider:
+    """`model_provider=`, else a run_config's own provider, else Dex's routing. A RunConfig always holds one: its
+    default (a plain MultiProvider, OpenAI) is taken for "not chosen"; pass model_provider=MultiProvider() to
+    choose it."""
+    if model_provider is not None:
+        return model_provider
+    if run_config is not None and type(run_config.model_provider) is not MultiProvider:
+        return run_config.model_provider
+    return DexModelProvider()
 
 
 def _sync_context(ctx: Any) -> RunContext:
@@ -328,14 +340,14 @@ class _DexModel(Model):
         request = {
             "model": _model_name(self.wrapped),
             "system_instructions": system_instructions,
-            "input": to_jsonable_python(input, fallback=str),
+            "input": to_jsonable_python(input, fallback=stable_repr),
             "model_settings": model_settings.to_json_dict(),
             "tools": [_tool_json(tool) for tool in tools],
             "output_schema": _output_schema_json(output_schema),
             "handoffs": [_handoff_json(h) for h in handoffs],
             "previous_response_id": previous_response_id,
             "conversation_id": conversation_id,
-            "prompt": to_jsonable_python(prompt, fallback=str),
+            "prompt": to_jsonable_python(prompt, fallback=stable_repr),
         }
         stream = self._durable.stream
 

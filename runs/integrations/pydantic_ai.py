@@ -49,7 +49,7 @@ from runs.ai.cassettes import Exchange
 from runs.ai.providers import config_for
 from runs.ai.steps import Answer, aexchange
 from runs.engine import AsyncRunContext, RunContext
-from runs.integrations import missing_extra, run_context, unwrap_control_flow
+from runs.integrations import missing_extra, run_context, stable_repr, unwrap_control_flow
 from runs.sdk import NonRetriableError, Retry
 
 try:
@@ -179,7 +179,9 @@ class _Durability(AbstractCapability[Any]):
     def get_wrapper_model(self, model: Model) -> Model | None:
         return _DexModel(model, self)
 
-    async def wrap_tool_execute(self, ctx: AgentRunContext[Any], *, call: Any, tool_def: Any, args: Any, handler: Any):
+    async def wrap_tool_execute(
+        self, ctx: AgentRunContext[Any], *, call: Any, tool_def: Any, args: Any, handler: Any
+    ) -> Any:
         async def execute() -> dict[str, Any]:
             return await _tool_outcome(handler(args))
 
@@ -203,8 +205,8 @@ class _Durability(AbstractCapability[Any]):
         request = {
             "model": f"{model.system}:{model.model_name}",
             "messages": request_messages(messages),
-            "model_settings": to_jsonable_python(model_settings or {}, fallback=repr),
-            "parameters": to_jsonable_python(parameters, fallback=repr),
+            "model_settings": to_jsonable_python(model_settings or {}, fallback=stable_repr),
+            "parameters": to_jsonable_python(parameters, fallback=stable_repr),
         }
 
         async def call(on_text: Any) -> Answer:
@@ -331,9 +333,13 @@ async def _tool_outcome(result: Any) -> dict[str, Any]:
     except ToolFailed as exc:
         return {"outcome": "failed", "message": exc.message}
     except ApprovalRequired as exc:
-        return {"outcome": "approval-required", "metadata": to_jsonable_python(exc.metadata, fallback=repr)}
+        return {"outcome": "approval-required", "metadata": to_jsonable_python(exc.metadata, fallback=stable_repr)}
     except CallDeferred as exc:
-        return {"outcome": "deferred", "metadata": to_jsonable_python(exc.metadata, fallback=repr), "kind": exc.kind}
+        return {
+            "outcome": "deferred",
+            "metadata": to_jsonable_python(exc.metadata, fallback=stable_repr),
+            "kind": exc.kind,
+        }
     except ToolRetryError as exc:
         return {"outcome": "retry-part", "part": _part_json(exc.tool_retry)}
     except ToolFailedError as exc:
@@ -341,6 +347,10 @@ async def _tool_outcome(result: Any) -> dict[str, Any]:
     if isinstance(value, ToolReturn):
         return {"outcome": "tool-return", "value": _tool_return_adapter.dump_python(value, mode="json")}
     return {"outcome": "return", "value": to_jsonable_python(value)}
+
+
+def _json(value: Any) -> Any:
+    return to_jsonable_python(value, fallback=stable_repr)
 
 
 def _tool_result(outcome: dict[str, Any]) -> Any:

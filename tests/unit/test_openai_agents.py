@@ -58,6 +58,12 @@ def test_each_model_call_and_tool_call_is_a_step(llm, tmp_path):
     assert "".join(c.text for c in chunks) == run.output["output"]
 
 
+def test_a_run_config_without_a_provider_of_its_own_keeps_dexs_routing(llm, tmp_path):
+    run = run_task("t-oa-trip", {"ledger": str(tmp_path / "ledger"), "workflow": "trips"})
+    assert run.status == RunStatus.COMPLETED, run.error  # the local server answered, not OpenAI
+    assert llm.stats()["requests"] == 4
+
+
 def test_a_failed_tool_retries_without_asking_the_model_again(llm, tmp_path):
     ledger = tmp_path / "ledger"
     run = run_task("t-oa-trip", {"ledger": str(ledger), "prompt": "plan my trip for order A-7 [flaky]"})
