@@ -35,6 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# `python bench/run.py` puts bench/ first on sys.path, where bench/agents.py would shadow the OpenAI Agents SDK
+# (`import agents`, e.g. in the triage example): the bench's own modules are imported as `bench.*` instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
