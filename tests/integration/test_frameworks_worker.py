@@ -13,6 +13,7 @@ import tests.openai_agent_tasks  # noqa: F401
 from runs import services
 from runs.ai.testserver import serve_in_thread
 from runs.models import Run, RunStatus
+from runs.ops.audit import Actor
 from tests.agents import ledger_lines
 from tests.conftest import wait_for
 from tests.framework_agents import FINAL, trip_script
@@ -75,7 +76,7 @@ def test_pydantic_ai_resumes_after_sigkill_without_repeating_a_model_or_tool_cal
     # Fork from the third model call, with the weather the step before it returned edited: only the third
     # and fourth calls are asked again, and only the tool after the third runs again.
     edited = {"outcome": "return", "value": "Lisbon: 21C sunny, light wind"}
-    fork = services.run_fork(run=run, step_key="trip:model#2", output=edited)
+    fork = services.run_fork(run=run, step_key="trip:model#2", output=edited, by=Actor.system("tests"))
     finished(fork, timeout=60)
     assert fork.status == RunStatus.COMPLETED, fork.error
     assert model_calls(server) == 5 + 2
@@ -134,7 +135,8 @@ def test_openai_agents_resume_after_sigkill_without_repeating_a_model_or_tool_ca
     assert run.output["output"] == "Tool advise returned: pack sunglasses"
     assert Run.objects.get(pk=run.pk).recoveries == 1
 
-    fork = services.run_fork(run=run, step_key="trip:model#2", output="Lisbon: 21C sunny, light wind")
+    edited = "Lisbon: 21C sunny, light wind"
+    fork = services.run_fork(run=run, step_key="trip:model#2", output=edited, by=Actor.system("tests"))
     finished(fork, timeout=60)
     assert fork.status == RunStatus.COMPLETED, fork.error
     assert model_calls(server) == 5 + 2
