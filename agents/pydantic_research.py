@@ -13,20 +13,13 @@ gives the structured answer, and for real with an API key ("gpt-5-mini"). Needs 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from dex_agents.research import corpus
 from pydantic import BaseModel, Field
 
+from runs.integrations import missing_extra
 from runs.sdk import NonRetriableError, Retry, task
-
-try:
-    from pydantic_ai import Agent
-
-    from runs.integrations.pydantic_ai import DexAgent, dex_model
-except ImportError as exc:  # the "pydantic-ai" extra isn't installed: the task says so when it runs
-    _missing: ImportError | None = exc
-else:
-    _missing = None
 
 MODEL = "gpt-5-mini"
 TOPIC_CHARS = 1500
@@ -62,8 +55,15 @@ def read_topic(topic: str) -> dict:
     return {"topic": topic, "text": text[:TOPIC_CHARS], "truncated": len(text) > TOPIC_CHARS}
 
 
-def research_agent() -> DexAgent:
-    """The agent, built when a run starts: `dex_model` picks up the provider configured at that moment."""
+def research_agent() -> Any:
+    """The agent (a DexAgent), built when a run starts: `dex_model` picks up the provider configured at that
+    moment, and Pydantic AI is imported only then, so a worker that never runs this task never loads it."""
+    try:
+        from pydantic_ai import Agent
+
+        from runs.integrations.pydantic_ai import DexAgent, dex_model
+    except ImportError as exc:  # the "pydantic-ai" extra isn't installed: the run fails saying so
+        raise NonRetriableError(str(missing_extra("pydantic-ai", "Pydantic AI", exc))) from exc
     agent = Agent(
         dex_model(MODEL),
         name="researcher",
@@ -78,8 +78,6 @@ def research_agent() -> DexAgent:
 def pydantic_research(ctx, question: str = "How does the with statement use context managers?") -> dict:
     """Answers a question about Python from its bundled reference with a Pydantic AI agent (two tools, a
     structured answer); every model request and tool call is a step."""
-    if _missing is not None:
-        raise NonRetriableError(str(_missing))
     result = research_agent().run_sync(question)
     usage = result.usage
     return {

@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
+from runs.integrations import missing_extra
 from runs.sdk import NonRetriableError, Retry, task
-
-try:
-    from agents import Agent, function_tool
-
-    from runs.integrations.openai_agents import run_agent
-except ImportError as exc:  # the "openai-agents" extra isn't installed: the task says so when it runs
-    _missing: ImportError | None = exc
-else:
-    _missing = None
 
 MODEL = "gpt-5-mini"
 ORDERS = {
@@ -66,8 +59,27 @@ def track_parcel(order_id: str) -> dict:
     return {"error": f"no order {order_id!r}"} if order is None else {"order": oid, "parcel": order["parcel"]}
 
 
-def triage_agents() -> Agent:
-    """The triage agent and the two teams it hands off to."""
+def _sdk() -> tuple[Any, Any]:
+    """The OpenAI Agents SDK and Dex's integration of it, imported when a run needs them rather than when a
+    worker starts (which then never loads the SDK for a task it doesn't run)."""
+    try:
+        import agents
+
+        from runs.integrations import openai_agents
+    except ImportError as exc:  # the "openai-agents" extra isn't installed: the run fails saying so
+        raise NonRetriableError(str(missing_extra("openai-agents", "The OpenAI Agents SDK", exc))) from exc
+    return agents, openai_agents
+
+
+def triage_agents() -> Any:
+    """The triage agent (an `agents.Agent`) and the two teams it hands off to. The SDK is imported only here,
+    so a worker that never runs this task never loads it."""
+    try:
+        from agents import Agent, function_tool
+    except ImportError as exc:  # the "openai-agents" extra isn't installed: the run fails saying so
+        raise NonRetriableError(
+            f"{exc}: install Dex's 'openai-agents' extra (`uv sync --extra openai-agents`)"
+        ) from exc
     billing = Agent(
         name="billing",
         handoff_description="Billing: a charge, charged twice, an invoice, a refund.",
@@ -94,7 +106,6 @@ def triage_agents() -> Agent:
 def triage_agent(ctx, message: str = "I was charged twice for order A-17, please refund me.") -> dict:
     """Routes a customer's message to billing or shipping (an OpenAI Agents SDK handoff), which resolves it
     with its tools; every model call, tool call and the handoff is a step."""
-    if _missing is not None:
-        raise NonRetriableError(str(_missing))
-    result = run_agent(ctx, triage_agents(), message)
+    _, integration = _sdk()
+    result = integration.run_agent(ctx, triage_agents(), message)
     return {"team": result.last_agent.name, "reply": result.final_output}

@@ -49,7 +49,7 @@ from runs.ai.cassettes import Exchange
 from runs.ai.providers import config_for
 from runs.ai.steps import Answer, aexchange
 from runs.engine import AsyncRunContext, RunContext
-from runs.integrations import missing_extra, run_context, stable_repr, unwrap_control_flow
+from runs.integrations import missing_extra, require, run_context, stable_repr, unwrap_control_flow
 from runs.sdk import NonRetriableError, Retry
 
 try:
@@ -80,11 +80,7 @@ try:
         ToolReturn,
     )
     from pydantic_ai.models import CompletedStreamedResponse, Model, ModelRequestParameters, StreamedResponse
-    from pydantic_ai.models.anthropic import AnthropicModel
-    from pydantic_ai.models.openai import OpenAIChatModel
     from pydantic_ai.models.wrapper import WrapperModel
-    from pydantic_ai.providers.anthropic import AnthropicProvider
-    from pydantic_ai.providers.openai import OpenAIProvider
     from pydantic_ai.settings import ModelSettings
     from pydantic_ai.tools import RunContext as AgentRunContext
     from pydantic_core import to_jsonable_python
@@ -387,8 +383,17 @@ def _part_from_json(data: dict[str, Any]) -> Any:
 
 def dex_model(name: str) -> Model:
     """A Pydantic AI model named `name` on the provider Dex routes it to (runs.ai.providers): an OpenAI or
-    OpenAI-compatible endpoint (the local test server included) or Anthropic."""
+    OpenAI-compatible endpoint (the local test server included) or Anthropic. The provider's module is
+    imported here, when a model needs it (Anthropic's alone takes a second or two to import)."""
     config = config_for(name)
     if config.kind == "anthropic":
-        return AnthropicModel(name, provider=AnthropicProvider(api_key=config.api_key(), base_url=config.base_url))
-    return OpenAIChatModel(name, provider=OpenAIProvider(base_url=config.base_url, api_key=config.api_key()))
+        anthropic = require("pydantic_ai.models.anthropic", extra="pydantic-ai", framework="Pydantic AI (Anthropic)")
+        provider = require("pydantic_ai.providers.anthropic", extra="pydantic-ai", framework="Pydantic AI (Anthropic)")
+        return anthropic.AnthropicModel(
+            name, provider=provider.AnthropicProvider(api_key=config.api_key(), base_url=config.base_url)
+        )
+    openai = require("pydantic_ai.models.openai", extra="pydantic-ai", framework="Pydantic AI (OpenAI)")
+    provider = require("pydantic_ai.providers.openai", extra="pydantic-ai", framework="Pydantic AI (OpenAI)")
+    return openai.OpenAIChatModel(
+        name, provider=provider.OpenAIProvider(base_url=config.base_url, api_key=config.api_key())
+    )

@@ -31,13 +31,18 @@ def test_an_integration_without_its_framework_names_the_extra(monkeypatch, modul
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    ("task_id", "module"), [("pydantic-research-agent", "pydantic_research"), ("triage-agent", "triage")]
+    ("task_id", "framework", "integration", "extra"),
+    [
+        ("pydantic-research-agent", "pydantic_ai", "runs.integrations.pydantic_ai", "pydantic-ai"),
+        ("triage-agent", "agents", "runs.integrations.openai_agents", "openai-agents"),
+    ],
 )
-def test_an_example_without_its_framework_fails_saying_so(monkeypatch, task_id, module):
+def test_an_example_without_its_framework_fails_its_run_saying_so(monkeypatch, task_id, framework, integration, extra):
     from runs.testing import run_task
 
-    example = importlib.import_module(f"dex_agents.{module}")
-    monkeypatch.setattr(example, "_missing", MissingExtra("Pydantic AI is not installed: install Dex's extra"))
+    monkeypatch.setitem(sys.modules, framework, None)
+    monkeypatch.delitem(sys.modules, integration, raising=False)
     run = run_task(task_id, {})
     assert run.status == RunStatus.FAILED
-    assert "is not installed: install Dex's" in run.error["message"]
+    assert f"install Dex's {extra!r} extra" in run.error["message"]
+    assert run.steps.count() == 0  # failed before any step: nothing to retry
