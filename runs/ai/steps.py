@@ -548,7 +548,7 @@ async def aexchange(
         ctx._step_attempt = None
         if is_run_budget:
             ctx._timed_out = True
-            raise RunTimedOut() from None
+            ctx._halt(RunTimedOut())  # every later ctx call raises it too (see engine.context)
         exc = StepTimeout(f"step {step.plan.key!r} ran past its timeout of {budget:g}s")
         return await sync_to_async(step.fail)(exc)
     except Exception as exc:
