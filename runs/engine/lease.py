@@ -16,11 +16,12 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 
 from runs.engine import versions
 from runs.engine.codec import json_default, now
 from runs.engine.flow import claim_next
+from runs.engine.sql import hot_cursor
 from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def run_claim(run_id: UUID | str, *, worker: str) -> Claim | None:
     may claim a better run of the same group instead — or none, leaving them queued, when a limit is reached.
     """
     params = claim_params(run_id, worker)
-    with connection.cursor() as cur:
+    with hot_cursor() as cur:
         cur.execute(_CLAIM_SQL, params)
         row = cur.fetchone()
     if row is None:
@@ -180,8 +181,10 @@ _STEP_CTE = """,
 step AS (
   INSERT INTO runs_step (run_id, seq, key, kind, status, attempts, budget_used, output, error, history,
                          started_at, finished_at, wake_at, meta)
-  SELECT lease.id, %(s_seq)s, %(s_key)s, %(s_kind)s, %(s_status)s, %(s_attempts)s, %(s_budget)s, %(s_output)s::jsonb,
-         %(s_error)s::jsonb, %(s_history)s::jsonb, %(s_started)s, %(s_finished)s, %(s_wake_at)s, %(s_meta)s::jsonb
+  -- Typed explicitly: parameters are bound on the server (sql.py), and a NULL has no type of its own.
+  SELECT lease.id, %(s_seq)s::int, %(s_key)s::text, %(s_kind)s::text, %(s_status)s::text, %(s_attempts)s::int,
+         %(s_budget)s::int, %(s_output)s::jsonb, %(s_error)s::jsonb, %(s_history)s::jsonb, %(s_started)s::timestamptz,
+         %(s_finished)s::timestamptz, %(s_wake_at)s::timestamptz, %(s_meta)s::jsonb
     FROM lease
   ON CONFLICT (run_id, key) DO UPDATE
      SET status = EXCLUDED.status, attempts = EXCLUDED.attempts, budget_used = EXCLUDED.budget_used,
@@ -299,7 +302,7 @@ def fenced_write(
         " started_at, finished_at, cost_usd, code_version FROM lease"
     )
     try:
-        with connection.cursor() as cur:
+        with hot_cursor() as cur:
             cur.execute(sql, values)
             row = cur.fetchone()
     except DatabaseError:

@@ -8,11 +8,11 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
 
 from runs import realtime
 from runs.engine.dispatch import enqueue_on_commit
 from runs.engine.flow import release_slots
+from runs.engine.sql import hot_cursor
 from runs.models import Run, RunStatus
 from runs.sdk.registry import registry
 
@@ -110,7 +110,7 @@ def scheduler_tick(*, batch: int = 500) -> TickResult:
     them. Enqueues after commit."""
     result = TickResult()
     # One statement is its own transaction (autocommit): the enqueues below run once it has committed.
-    with connection.cursor() as cur:
+    with hot_cursor() as cur:
         cur.execute(
             _TICK_SQL,
             {

@@ -73,7 +73,7 @@ def run_event(claim: Claim, written: Written, status: str, **extra: object) -> r
 
 
 _PARK_SET = """status = %(status)s, wake_at = %(wake_at)s, lease_owner = '', lease_expires_at = NULL,
-       lease_backend_pid = NULL, inflight = NULL, enqueued_at = CASE WHEN %(status)s = 'queued' THEN now() END,
+       lease_backend_pid = NULL, inflight = NULL, enqueued_at = CASE WHEN %(requeued)s THEN now() END,
        executed_seconds = executed_seconds + extract(epoch FROM now() - claimed_at)"""
 
 
@@ -99,7 +99,7 @@ def run_park(
             claim,
             buffer,
             run_set=_PARK_SET,
-            params={"status": status, "wake_at": None if due else wake_at},
+            params={"status": status, "wake_at": None if due else wake_at, "requeued": due},
             step=step,
             saved=saved,
         )

@@ -311,3 +311,37 @@ def test_a_line_logged_outside_steps_while_replaying_recorded_steps_is_not_store
     run = run_task("t-logs-between", {"ledger": str(ledger)})
     assert run.status == RunStatus.COMPLETED and run.executions == 2  # parked once
     assert list(run.logs.filter(step_key="").values_list("message", flat=True)) == ["before the nap", "after it"]
+
+
+def _prepared() -> list[str]:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cur.fetchall()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_hot_statements_are_prepared_once_per_connection():
+    """A step's fenced statement is planned once per connection, not on every step."""
+    from django.db import connection
+
+    connection.close()  # a new session: nothing prepared yet
+    run = Run.objects.create(task_id="u-loop", payload={"n": 5})
+    with engine.enqueue_to(lambda run_id: None):
+        engine.run_execute(run.id, heartbeat=False)
+    fenced = [s for s in _prepared() if s.lstrip().startswith("WITH lease AS")]
+    assert len(fenced) == 1  # the five steps' one statement; the settle ran once, so it wasn't prepared
+
+
+@pytest.mark.django_db(transaction=True)
+def test_behind_a_transaction_mode_pooler_nothing_is_prepared(settings):
+    from django.db import connection
+
+    settings.DEX_DB_POOLER = "transaction"
+    connection.close()
+    run = Run.objects.create(task_id="u-loop", payload={"n": 5})
+    with engine.enqueue_to(lambda run_id: None):
+        engine.run_execute(run.id, heartbeat=False)
+    assert Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED
+    assert _prepared() == []

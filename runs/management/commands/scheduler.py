@@ -124,6 +124,9 @@ class _Listener:
     def wait(self, seconds: float, stop: threading.Event) -> None:
         if seconds <= 0:
             return
+        if settings.DEX_DB_POOLER == "transaction":  # LISTEN needs a session of its own: only sleep
+            stop.wait(seconds)
+            return
         try:
             if self._conn is None:
                 params = connection.get_connection_params()
