@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -67,7 +68,8 @@ def run_trigger(
     stored = payload if validated else task.validate_payload(payload)
     if isinstance(delay, timedelta):
         delay = delay.total_seconds()
-    with transaction.atomic(savepoint=False):
+    # Audited triggers write the audit entry in the run's transaction; the API's are one INSERT (run_create).
+    with transaction.atomic(savepoint=False) if by is not None else nullcontext():
         run, created = engine.run_create(
             task=task,
             payload=stored,

@@ -3,7 +3,8 @@ run of `ctx.invoke` / `ctx.map`, a replay, a fork, and `runs.testing`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -30,7 +31,7 @@ def run_create(
     parent_id: UUID | None = None,
     replay_of_id: UUID | None = None,
     metadata: dict | None = None,
-    steps: Iterable[Step] = (),
+    steps: Sequence[Step] = (),
 ) -> tuple[Run, bool]:
     """Create a run of `task` with an already validated `payload` and enqueue it on commit (or park it until
     `delay` seconds from now). `steps` are recorded steps the run starts with (a fork).
@@ -39,9 +40,12 @@ def run_create(
     run and False.
     """
     now = timezone.now()
-    # No savepoint when a service's transaction wraps this one: a savepoint is a subtransaction, with an id of
-    # its own — work for nothing on the trigger's path.
-    with transaction.atomic(savepoint=False):
+    debounced = bool(task.debounce and parent_id is None and not steps)
+    # A plain trigger is one INSERT, committed on its own (one round trip). An idempotency key, a debounce or
+    # copied steps need a transaction; no savepoint when a service's transaction wraps this one (a savepoint is
+    # a subtransaction, with an id of its own).
+    atomic = bool(idempotency_key or debounced or steps)
+    with transaction.atomic(savepoint=False) if atomic else nullcontext():
         if idempotency_key:
             # Serialise triggers of the same key (no unique constraint can express "within the TTL").
             # \x1f separates the two, not NUL: a Postgres text parameter can't hold NUL.
@@ -63,7 +67,7 @@ def run_create(
         # Debounce: this trigger supersedes the pending one of its key (a child run is never debounced: its
         # parent waits on it; nor is a fork, which resumes recorded work).
         debounce_key, superseded, reason = None, [], ""
-        if task.debounce and parent_id is None and not steps:
+        if debounced:
             debounce_key, starts_at, superseded = debounce_trigger(task=task, payload=payload, now=now)
             delayed, wake_at = True, max(wake_at or starts_at, starts_at)
             reason = debounce_reason(task, debounce_key, wake_at)
