@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from mcp.server.fastmcp import FastMCP
+from mcp.server.mcpserver import MCPServer
 
-server = FastMCP("dex-test-tools")
+server = MCPServer("dex-test-tools")
 
 
 @server.tool()
