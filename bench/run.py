@@ -41,7 +41,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import harness  # noqa: E402
+from bench import harness, measure  # noqa: E402
 from bench.scenarios import SCENARIOS, load  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
@@ -90,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             "postgres": env.probe.describe() if env.probe else "",
             "config": harness.config_description(env),
             "command": " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-            "load_before": harness.load_average(),
+            "load_before": measure.load_average(),
             "scenarios": {},
         }
-        harness.log(f"{document['machine']}; sizes {sizes.name}; session {env.session}")
-        harness.log(f"load before: {document['load_before']['uptime']}")
+        measure.log(f"{document['machine']}; sizes {sizes.name}; session {env.session}")
+        measure.log(f"load before: {document['load_before']['uptime']}")
         for module in modules:
-            harness.log(f"scenario {module.NAME}")
-            load_before = harness.load_average()
+            measure.log(f"scenario {module.NAME}")
+            load_before = measure.load_average()
             with contextlib.ExitStack() as scenario_stack:
                 env.stack = scenario_stack  # what a scenario starts is stopped when it ends
                 try:
@@ -108,16 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             result["when"] = _now()
             result["sizes_name"] = sizes.name
             result["load_before"] = load_before["load"]
-            result["load_after"] = harness.load_average()["load"]
+            result["load_after"] = measure.load_average()["load"]
             document["scenarios"][module.NAME] = result
             _write(args.out, document)
             _summary(module.NAME, result)
         env.stack = stack
-        document["load_after"] = harness.load_average()
+        document["load_after"] = measure.load_average()
         document["seconds"] = round(time.monotonic() - started, 1)
         _write(args.out, document)
-        harness.log(f"load after: {document['load_after']['uptime']}")
-        harness.log(f"done in {time.monotonic() - started:.0f} s; wrote {args.out}")
+        measure.log(f"load after: {document['load_after']['uptime']}")
+        measure.log(f"done in {time.monotonic() - started:.0f} s; wrote {args.out}")
     if not args.no_report and sizes.name != "tiny":
         _publish(args.out, document)
     return 0
@@ -138,9 +138,9 @@ def _publish(out: Path, document: dict) -> None:
         if out.resolve() != target.resolve():
             shutil.copyfile(out, target)
         report.render(target)
-        harness.log(f"wrote {target} and rendered it into {report.README}")
+        measure.log(f"wrote {target} and rendered it into {report.README}")
     if not targets:
-        harness.log("README left alone: only a run of every README scenario (or of faults) is rendered into it")
+        measure.log("README left alone: only a run of every README scenario (or of faults) is rendered into it")
 
 
 def _now() -> str:

@@ -65,6 +65,7 @@ FAULT_ENV = {
 
 
 def run(env: BenchEnv) -> dict:
+    import bench.faultcases as fc
     import bench.faultkit as fk
     from dexweb.settings import celery_url_from_redis
     from runs import services
@@ -93,14 +94,14 @@ def run(env: BenchEnv) -> dict:
 
     log(f"faults: SIGKILL a worker mid-step {sigkills}× over {sigkill_runs} runs")
     c = cluster()
-    sig = fk.sigkill_workers(c, ledger("sigkill"), runs=sigkill_runs, faults=sigkills, steps=10, pause=0.3, timeout=300)
+    sig = fc.sigkill_workers(c, ledger("sigkill"), runs=sigkill_runs, faults=sigkills, steps=10, pause=0.3, timeout=300)
     c.stop_all()
     results["sigkill"] = sig.as_dict()
     log(f"  {results['sigkill']}")
 
     log("faults: duplicate deliveries to two racing workers")
     c = cluster()
-    dup = fk.duplicate_deliveries(c, ledger("dup"), runs=5, copies=copies)
+    dup = fc.duplicate_deliveries(c, ledger("dup"), runs=5, copies=copies)
     c.stop_all()
     results["duplicates"] = dup.as_dict()
 
@@ -109,7 +110,7 @@ def run(env: BenchEnv) -> dict:
     redis.start()
     env.stack.callback(redis.destroy)
     c = cluster(REDIS_URL=redis.url, CELERY_BROKER_URL=celery_url_from_redis(redis.url))
-    results["redis"] = fk.redis_outage(
+    results["redis"] = fc.redis_outage(
         c, redis, ledger("redis"), secret=secret, down_seconds=redis_down, triggers=redis_triggers, timeout=300
     )
     c.stop_all()
@@ -121,7 +122,7 @@ def run(env: BenchEnv) -> dict:
     env.stack.callback(postgres.destroy)
     c = cluster(DATABASE_URL=postgres.url("dex_faults"))
     fk.migrate(c.env)
-    results["postgres"] = fk.postgres_restart(
+    results["postgres"] = fc.postgres_restart(
         c, postgres, ledger("pg"), runs=4, restarts=pg_restarts, steps=10, pause=0.3, timeout=300
     )
     c.stop_all()
@@ -129,7 +130,7 @@ def run(env: BenchEnv) -> dict:
 
     log(f"faults: daphne restarted {daphne_restarts}× under a connected stream client")
     c = cluster()
-    results["daphne"] = fk.daphne_restart(
+    results["daphne"] = fc.daphne_restart(
         c, ledger("daphne"), secret=secret, restarts=daphne_restarts, steps=12 * (daphne_restarts + 1), pause=0.5
     )
     c.stop_all()
@@ -137,10 +138,10 @@ def run(env: BenchEnv) -> dict:
 
     log("faults: a poison run, a late step result")
     c = cluster()
-    results["poison"] = fk.poison_run(c, ledger("poison"), max_recoveries=5)
+    results["poison"] = fc.poison_run(c, ledger("poison"), max_recoveries=5)
     c.stop_all()
     c = cluster()
-    results["late"] = fk.late_result(c, ledger("late"))
+    results["late"] = fc.late_result(c, ledger("late"))
     c.stop_all()
 
     counted = [results[k] for k in ("sigkill", "duplicates", "redis", "postgres")]

@@ -41,15 +41,13 @@ from bench.harness import (
     BenchEnv,
     CpuMeter,
     Variant,
-    WalCommits,
     alternate,
-    force_stats_flush,
     judge,
-    log,
     rounded,
     spread,
     url_host,
 )
+from bench.measure import WalCommits, force_stats_flush, log
 from bench.peerkit import NOT_RUNNABLE, DbosProcesses, Peer, start_peers
 
 NAME = "step_overhead"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import faultkit
+from bench import faultcases, faultkit
 from bench.faultkit import Cluster, PrivatePostgres, PrivateRedis
 from runs.models import Run, RunStatus
 
@@ -29,13 +29,13 @@ def assert_clean(figures: faultkit.Figures) -> None:
 
 
 def test_sigkilled_workers_lose_no_run_and_rerun_no_committed_step(cluster: Cluster, ledger: Path) -> None:
-    figures = faultkit.sigkill_workers(cluster, ledger, runs=3, faults=3, steps=8, pause=0.3)
+    figures = faultcases.sigkill_workers(cluster, ledger, runs=3, faults=3, steps=8, pause=0.3)
     assert figures.faults == 3
     assert_clean(figures)
 
 
 def test_a_poison_run_is_dead_lettered_after_the_allowed_recoveries(cluster: Cluster, ledger: Path) -> None:
-    outcome = faultkit.poison_run(cluster, ledger, max_recoveries=3)
+    outcome = faultcases.poison_run(cluster, ledger, max_recoveries=3)
     assert outcome["status"] == RunStatus.FAILED
     assert outcome["error_type"] == "WorkerLost"
     assert outcome["poison_executions"] == 3  # one execution per recovery, then no more
@@ -49,7 +49,7 @@ def test_triggers_are_accepted_while_redis_is_down_and_run_once_it_is_back(
     from dexweb.settings import celery_url_from_redis
 
     cluster.env.update({"REDIS_URL": private_redis.url, "CELERY_BROKER_URL": celery_url_from_redis(private_redis.url)})
-    outcome = faultkit.redis_outage(
+    outcome = faultcases.redis_outage(
         cluster, private_redis, ledger, secret=api_secret, down_seconds=5, triggers=5, steps=3
     )
     assert outcome["statuses"] == [201], outcome
@@ -65,7 +65,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(
 ) -> None:
     cluster.env["DATABASE_URL"] = private_postgres.url("dex_faults")
     faultkit.migrate(cluster.env)
-    outcome = faultkit.postgres_restart(cluster, private_postgres, ledger, runs=3, steps=6, pause=0.2)
+    outcome = faultcases.postgres_restart(cluster, private_postgres, ledger, runs=3, steps=6, pause=0.2)
     assert outcome["stuck_runs"] == 0, outcome
     assert outcome["completed"] == 3, outcome
     assert outcome["reexecuted_committed_steps"] == 0, outcome
@@ -76,7 +76,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(
 def test_a_stream_client_misses_no_step_across_a_daphne_restart(
     cluster: Cluster, ledger: Path, api_secret: str
 ) -> None:
-    outcome = faultkit.daphne_restart(cluster, ledger, secret=api_secret, restarts=1, steps=8, pause=0.25)
+    outcome = faultcases.daphne_restart(cluster, ledger, secret=api_secret, restarts=1, steps=8, pause=0.25)
     assert outcome["status"] == RunStatus.COMPLETED
     assert outcome["daphne_restarts"] == 1 and outcome["connections"] == 2
     assert outcome["steps_committed"] == 8
@@ -87,7 +87,7 @@ def test_a_stream_client_misses_no_step_across_a_daphne_restart(
 
 
 def test_a_step_that_comes_back_after_its_timeout_has_its_result_discarded(cluster: Cluster, ledger: Path) -> None:
-    outcome = faultkit.late_result(cluster, ledger)
+    outcome = faultcases.late_result(cluster, ledger)
     assert outcome["status"] == RunStatus.COMPLETED
     assert outcome["output"] == "on time"
     assert outcome["attempts"] == 2
@@ -96,7 +96,7 @@ def test_a_step_that_comes_back_after_its_timeout_has_its_result_discarded(clust
 
 
 def test_duplicate_deliveries_to_racing_workers_execute_every_step_once(cluster: Cluster, ledger: Path) -> None:
-    figures = faultkit.duplicate_deliveries(cluster, ledger, runs=3, copies=3)
+    figures = faultcases.duplicate_deliveries(cluster, ledger, runs=3, copies=3)
     assert_clean(figures)
     assert figures.inflight_reruns == 0
     assert figures.detail["owners_per_run"] == 1
