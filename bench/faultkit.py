@@ -6,10 +6,10 @@ the order the executions began). A crash can't hide an execution from it, so the
 
   completed                   runs that ended `completed` (of `runs`)
   reexecuted_committed_steps  executions of a step that began after the step had committed — must be 0.
-                              Step i+1 starts only after step i's commit (the engine commits a step at the
-                              next boundary), so an execution of step i after any execution of a later step
-                              of the same run re-ran a committed step.
-  inflight_reruns             other repeated executions: a step that was in flight (or finished but not yet
+                              Step i+1 starts only after step i's commit (each step commits when it
+                              returns), so an execution of step i after any execution of a later step of
+                              the same run re-ran a committed step.
+  inflight_reruns             other repeated executions: a step that was in flight (running, not yet
                               committed) when its worker died — at most one per fault
   stuck_runs                  runs not in a terminal state at the end
 
