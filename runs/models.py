@@ -94,6 +94,9 @@ class Run(models.Model):
     # The step the worker is executing ({"key", "seq", "attempt", "started_at"}), recorded by the heartbeat:
     # a worker that dies under it shows that attempt as lost ("worker lost") when the step runs again.
     inflight = models.JSONField(null=True, blank=True)
+    # The W3C trace context ({"traceparent", "tracestate"}) the run was created in, when tracing is on
+    # (runs.integrations.otel): every execution of the run, on any worker, continues that trace.
+    trace_context = models.JSONField(null=True, blank=True)
 
     # Flow control (runs/engine/flow.py), resolved at trigger time from the task's options and the payload: the
     # concurrency / rate-limit / debounce key of the run; NULL when the task had no such limit ("" = no key).

@@ -32,7 +32,7 @@ from django.db import transaction
 from runs import offload, realtime
 from runs.engine.codec import encode_output, json_default, now
 from runs.engine.errors import LeaseLost, Parked, RunTimedOut, StepFailedForGood, StepOutputError, error_info
-from runs.engine.hooks import ai_for
+from runs.engine.hooks import ai_for, trace_step_ended, trace_step_running, trace_step_started
 from runs.engine.lease import Buffer, Claim, StepRecord, fenced_write
 from runs.engine.pauses import Pauses
 from runs.engine.plan import NO_RETRY, StepPlan, step_row
@@ -300,6 +300,7 @@ class RunContext(Pauses):
             )
             plan.attempt += 1
         self.inflight = {"key": key, "seq": plan.seq, "attempt": plan.attempt, "started_at": plan.started.isoformat()}
+        trace_step_started(self, plan)
         self._publish_step(plan, "running")
         return plan
 
@@ -347,6 +348,7 @@ class RunContext(Pauses):
         finished = now()
         row = step_row(plan, status=StepStatus.COMPLETED, output=stored, finished=finished, meta=meta)
         self._write(row, cost=cost, saved=saved)
+        trace_step_ended(self, plan, StepStatus.COMPLETED, meta=meta)
         self._seq += 1
         self._completed += 1
         self.inflight = None
@@ -379,6 +381,8 @@ class RunContext(Pauses):
         error = json.dumps(info)
         history = json.dumps([*plan.lost, attempt_entry])
         self.inflight = None
+        will_retry = retriable and plan.budget_used < plan.retry.attempts
+        trace_step_ended(self, plan, StepStatus.RETRYING if will_retry else StepStatus.FAILED, error=exc)
         if retriable and plan.budget_used < plan.retry.attempts:
             delay = plan.retry.delay_after(plan.budget_used)
             wake_at = self._claim.now() + timedelta(seconds=delay)
@@ -402,7 +406,7 @@ class RunContext(Pauses):
         self._step_attempt = plan.attempt
         started = time.monotonic()
         try:
-            with self._scope(plan.key), alarm(budget):
+            with self._scope(plan.key), alarm(budget), trace_step_running(self, plan):
                 value = fn(*args, **kwargs)
                 if inspect.isawaitable(value):
                     value = asyncio.run(_awaitable_with_timeout(value, budget))

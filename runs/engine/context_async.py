@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 
 from runs.engine.context import RunContext
 from runs.engine.errors import RunTimedOut
-from runs.engine.hooks import async_ai_for
+from runs.engine.hooks import async_ai_for, trace_step_running
 from runs.models import StepKind
 from runs.sdk import Retry, StepTimeout, Task
 
@@ -59,7 +59,7 @@ class AsyncRunContext:
         ctx._step_attempt = plan.attempt
         started = time.monotonic()
         try:
-            with ctx._scope(plan.key):
+            with ctx._scope(plan.key), trace_step_running(ctx, plan):
                 if inspect.iscoroutinefunction(fn):
                     value = await asyncio.wait_for(fn(*args, **kwargs), budget)
                 else:

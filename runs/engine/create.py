@@ -16,6 +16,7 @@ from django.utils import timezone
 from runs import realtime
 from runs.engine.dispatch import enqueue_on_commit
 from runs.engine.flow import debounce_reason, debounce_supersede, debounce_trigger, trigger_fields
+from runs.engine.hooks import trace_run_context
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.sdk import Task
 
@@ -88,6 +89,7 @@ def run_create(
             parent_id=parent_id,
             replay_of_id=replay_of_id,
             metadata=metadata or {},
+            trace_context=trace_run_context(task_id=task.id, parent_id=parent_id),
         )
         Step.objects.bulk_create(_copied(step, run) for step in steps)
         debounce_supersede(superseded=superseded, by=run)

@@ -14,6 +14,7 @@ from runs.engine.context import RunContext, install_log_capture
 from runs.engine.context_async import AsyncRunContext
 from runs.engine.errors import LeaseLost, Parked, RunTimedOut, StepFailedForGood, error_info
 from runs.engine.heartbeat import heartbeats
+from runs.engine.hooks import trace_execution_ended, trace_execution_started
 from runs.engine.lease import Buffer, StepRecord, run_claim, worker_name
 from runs.engine.settle import run_settle
 from runs.models import RunStatus, Step
@@ -63,6 +64,18 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
         # wrong. Fail the run saying why; a retry resumes from the same step once the storage is back.
         return run_settle(claim, Buffer(), RunStatus.FAILED, error=error_info(exc))
     ctx = RunContext(claim=claim, task=task, steps=steps)
+    trace_execution_started(ctx)
+    status = None
+    try:
+        status = _execute_claimed(ctx, task, heartbeat=heartbeat)
+        return status
+    finally:
+        trace_execution_ended(ctx, status)
+
+
+def _execute_claimed(ctx: RunContext, task: Task, *, heartbeat: bool) -> str | None:
+    """Run the task's code from the top against the recorded steps, then settle (or park) the run."""
+    claim = ctx._claim
     realtime.publish_now(
         realtime.run_changed(
             claim.run_id,
@@ -102,7 +115,7 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
     except DatabaseError:
         # Postgres is unreachable or failed under us: nothing can be recorded now. The lease expires and
         # the scheduler re-queues the run, which resumes after its last committed step.
-        log.exception("run %s: database error; the run will be recovered after its lease expires", run_id)
+        log.exception("run %s: database error; the run will be recovered after its lease expires", claim.run_id)
         return None
     except Cancelled:
         return _settle(ctx, RunStatus.CANCELED)

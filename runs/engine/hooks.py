@@ -4,13 +4,16 @@ The engine imports no Celery task, service, alert, view or agent module: it call
 
 - the dispatcher hands a run's wake-up to the broker (runs.tasks registers Celery's);
 - "run settled" listeners hear of every run that ended (runs.ops.alerts raises its alerts there);
-- the AI factory builds `ctx.ai` for a run context (runs.ai.steps).
+- the AI factory builds `ctx.ai` for a run context (runs.ai.steps);
+- a tracer hears of every run created, every execution and every step attempt (runs.integrations.otel, when the
+  OTEL_* variables are set); with none registered each trace_* call below is one `is None` test.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from uuid import UUID
 
@@ -23,6 +26,7 @@ RunSettledListener = Callable[[UUID, str], None]
 _dispatcher: Dispatcher | None = None
 _run_settled: list[RunSettledListener] = []
 _ai_factories: tuple[Callable[[Any], Any], Callable[[Any], Any]] | None = None
+_tracer: Tracer | None = None
 
 
 class HookMissing(RuntimeError):
@@ -78,3 +82,94 @@ def async_ai_for(sync_ai: Any) -> Any:
 class _NoAI:
     def __getattr__(self, name: str) -> Any:
         raise HookMissing("ctx.ai is not available: runs.ai registers it when the `runs` app is ready")
+
+
+# --- tracing ------------------------------------------------------------------------------------------------
+
+
+class Tracer:
+    """What a tracing integration implements. `ctx` is the RunContext and `plan` the StepPlan of the attempt
+    (given as `Any`: hooks sit below the context). Only executed attempts are reported: a memoised step
+    replayed from the record is not a step start, so a tracer never shows it twice."""
+
+    def run_trace_context(self, *, task_id: str, parent_id: Any) -> dict | None:
+        """The trace context (a W3C `traceparent` carrier) to store on a run being created: its executions
+        continue that trace, wherever and however often they run."""
+        return None
+
+    def execution_started(self, ctx: Any) -> None: ...
+
+    def execution_ended(self, ctx: Any, status: str | None) -> None:
+        """`status` is what run_execute left the run in (None: not ours any more, e.g. the lease was lost)."""
+
+    def step_started(self, ctx: Any, plan: Any) -> None: ...
+
+    def step_running(self, ctx: Any, plan: Any) -> AbstractContextManager[Any]:
+        """Entered around the step's own function, so what it does is traced inside the step."""
+        return nullcontext()
+
+    def step_ended(
+        self, ctx: Any, plan: Any, status: str, *, error: BaseException | None = None, meta: dict | None = None
+    ) -> None:
+        """`status`: completed, retrying (this attempt failed; another follows) or failed."""
+
+
+_NO_SCOPE = nullcontext()
+
+
+def set_tracer(tracer: Tracer | None) -> None:
+    global _tracer
+    _tracer = tracer
+
+
+# The engine calls these. A tracer's failure is logged and never raised into the engine: tracing a run must
+# not be able to fail it.
+
+
+def trace_run_context(*, task_id: str, parent_id: Any) -> dict | None:
+    if _tracer is None:
+        return None
+    try:
+        return _tracer.run_trace_context(task_id=task_id, parent_id=parent_id)
+    except Exception:
+        log.exception("tracer %r failed on a run's creation", _tracer)
+        return None
+
+
+def trace_execution_started(ctx: Any) -> None:
+    if _tracer is not None:
+        _call(_tracer.execution_started, ctx)
+
+
+def trace_execution_ended(ctx: Any, status: str | None) -> None:
+    if _tracer is not None:
+        _call(_tracer.execution_ended, ctx, status)
+
+
+def trace_step_started(ctx: Any, plan: Any) -> None:
+    if _tracer is not None:
+        _call(_tracer.step_started, ctx, plan)
+
+
+def trace_step_running(ctx: Any, plan: Any) -> AbstractContextManager[Any]:
+    if _tracer is None:
+        return _NO_SCOPE
+    try:
+        return _tracer.step_running(ctx, plan)
+    except Exception:
+        log.exception("tracer %r failed", _tracer)
+        return _NO_SCOPE
+
+
+def trace_step_ended(
+    ctx: Any, plan: Any, status: str, *, error: BaseException | None = None, meta: dict | None = None
+) -> None:
+    if _tracer is not None:
+        _call(_tracer.step_ended, ctx, plan, status, error=error, meta=meta)
+
+
+def _call(method: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    try:
+        method(*args, **kwargs)
+    except Exception:
+        log.exception("tracer %r failed in %s", _tracer, getattr(method, "__name__", method))
