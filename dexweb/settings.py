@@ -238,6 +238,17 @@ DEX_RETENTION_INTERVAL_SECONDS = env_float("DEX_RETENTION_INTERVAL_SECONDS", 360
 # --- Redis: Channels layer and Celery broker --------------------------------------------------------------
 
 
+def otel_configured() -> bool:
+    """OpenTelemetry tracing is on when the standard variables name an exporter: an OTLP endpoint, or
+    OTEL_TRACES_EXPORTER (not "none"); OTEL_SDK_DISABLED=true turns it off."""
+    if env_str("OTEL_SDK_DISABLED").strip().lower() == "true":
+        return False
+    exporter = env_str("OTEL_TRACES_EXPORTER").strip().lower()
+    if exporter == "none":
+        return False
+    return bool(exporter or env_str("OTEL_EXPORTER_OTLP_ENDPOINT") or env_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
 def celery_url_from_redis(url: str) -> str:
     # Celery (kombu) spells a unix socket `redis+socket://PATH`; channels-redis spells it `unix://PATH`.
     if url.startswith("unix://"):
@@ -363,3 +374,9 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("DEX_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}, "pgserver": {"level": "WARNING"}},
 }
+
+# OpenTelemetry traces of runs (runs.integrations.otel, README: Tracing). Off, nothing of OpenTelemetry is
+# imported; on, the incoming `traceparent` of a request is the context a run is triggered in.
+DEX_OTEL = otel_configured()
+if DEX_OTEL:
+    MIDDLEWARE.insert(0, "runs.integrations.otel.TraceContextMiddleware")

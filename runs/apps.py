@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.conf import settings
 
 
 class RunsConfig(AppConfig):
@@ -19,3 +20,8 @@ class RunsConfig(AppConfig):
         hooks.on_run_settled(alerts.alerts_run_settled)
         hooks.set_ai_factory(ai_steps.AIContext, ai_steps.AsyncAIContext)
         registry.autodiscover()
+        if settings.DEX_OTEL:
+            # Only now is OpenTelemetry imported: with the OTEL_* variables unset, tracing costs nothing.
+            from runs.integrations import otel
+
+            otel.install()
