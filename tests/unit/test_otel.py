@@ -172,3 +172,22 @@ def test_with_the_variables_unset_dex_loads_nothing_of_its_tracing():
     )
     assert on.stdout.split()[-1] == "DexTracer", on.stderr[-2000:]
     assert "runs.integrations.otel" in on.stdout
+
+
+def test_an_attempt_whose_worker_died_shows_as_a_failed_span_before_the_attempt_that_ran_again(spans, tmp_path):
+    from runs.engine import enqueue_to, run_create
+    from runs.sdk.registry import registry
+    from runs.testing import drive
+
+    task = registry.get("t-traced-child")
+    with enqueue_to(lambda run_id: None):
+        run, _ = run_create(task=task, payload={"ledger": str(tmp_path / "ledger")})
+    # What the heartbeat had recorded when the worker executing the step's first attempt died.
+    Run.objects.filter(pk=run.pk).update(
+        inflight={"key": "child-step", "seq": 0, "attempt": 1, "started_at": "2026-12-05T07:00:00+00:00"}
+    )
+    assert drive(run).status == RunStatus.COMPLETED
+    lost, ran = sorted(by_name(spans)["Step:child-step"], key=lambda s: s.attributes["dex.step.attempt"])
+    assert (lost.attributes["dex.step.attempt"], lost.attributes["dex.step.status"]) == (1, "worker_lost")
+    assert lost.status.status_code == trace.StatusCode.ERROR
+    assert (ran.attributes["dex.step.attempt"], ran.attributes["dex.step.status"]) == (2, "completed")
