@@ -29,3 +29,22 @@ def traced(ctx, ledger: str, failures: int = 1, llm: bool = False, child: bool =
 def traced_child(ctx, ledger: str) -> str:
     ctx.step("child-step", record, ledger, "child-step")
     return "child done"
+
+
+def _current_span_id() -> str:
+    from opentelemetry import trace  # only where tracing is tested
+
+    return format(trace.get_current_span().get_span_context().span_id, "016x")
+
+
+@task("t-traced-current")
+def traced_current(ctx) -> str:
+    return ctx.step("whoami", _current_span_id)
+
+
+@task("t-traced-async")
+async def traced_async(ctx) -> dict:
+    async def current() -> str:
+        return _current_span_id()
+
+    return {"coroutine": await ctx.step("coroutine", current), "function": await ctx.step("function", _current_span_id)}

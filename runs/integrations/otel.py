@@ -231,6 +231,9 @@ def _genai_attributes(span: trace.Span, usage: dict, request: dict) -> None:
     """The GenAI semantic conventions (gen_ai.*) on an LLM step's span, and its name "chat <model>"."""
     model = str(request.get("model") or usage.get("model") or "")
     provider = str(usage.get("provider") or "")
+    system, _, name = model.partition(":")
+    if name and system == provider:
+        model = name  # "openai:gpt-5-mini", as Pydantic AI names a model
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.system": provider,  # the name before semconv 1.37

@@ -191,3 +191,20 @@ def test_an_attempt_whose_worker_died_shows_as_a_failed_span_before_the_attempt_
     assert (lost.attributes["dex.step.attempt"], lost.attributes["dex.step.status"]) == (1, "worker_lost")
     assert lost.status.status_code == trace.StatusCode.ERROR
     assert (ran.attributes["dex.step.attempt"], ran.attributes["dex.step.status"]) == (2, "completed")
+
+
+def test_a_steps_span_is_current_while_its_function_runs_sync_or_async(spans):
+    run = run_task("t-traced-current", {})
+    [whoami] = by_name(spans)["Step:whoami"]
+    assert run.output == format(whoami.context.span_id, "016x")
+
+    run = run_task("t-traced-async", {})
+    assert run.status == RunStatus.COMPLETED, run.error
+    named = by_name(spans)
+    [coroutine], [function] = named["Step:coroutine"], named["Step:function"]
+    assert run.output == {
+        "coroutine": format(coroutine.context.span_id, "016x"),
+        "function": format(function.context.span_id, "016x"),
+    }
+    [execution] = named["RunTask:t-traced-async"]
+    assert coroutine.parent.span_id == function.parent.span_id == execution.context.span_id
