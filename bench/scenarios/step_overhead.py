@@ -11,6 +11,9 @@ The same 10 no-op steps as
                          DBOS process of its own (one, as Dex has one worker process here)
   restate, temporal_*    the peers (bench/peerkit.py), one SDK/worker process each, when they can run here
   commit_floor           10 one-row INSERTs in autocommit, prepared (the physical floor of a durable step)
+  dex_traced, dex_inprocess_traced   with DEX_BENCH_OTEL=on: dex and dex_inprocess with OpenTelemetry tracing on
+                         (runs.integrations.otel), exporting over OTLP/HTTP to a receiver on loopback; the traced
+                         worker is a second worker process on a queue of its own
 Worker-based variants signal completion the same way (one RPUSH the bench BLPOPs; bench/agents.py).
 
 Write commits are counted where they become durable: the COMMIT records a round wrote to the WAL, read with
@@ -89,6 +92,7 @@ def run(env: BenchEnv) -> dict:
 
     e2e_runs: list[tuple] = []  # (run id, trigger called, trigger returned, completion seen), wall clock
     variants = _variants(env, client, floor_conn, e2e_runs, dbos, peers)
+    sink = _traced_variants(env, variants, client) if _otel_requested() else None
     meter = CpuMeter(env, worker=worker, databases=[env.database_name, env.dbos_database_name], redis=client)
     tps: list[float | None] = []
 
@@ -137,6 +141,11 @@ def run(env: BenchEnv) -> dict:
         series["fraction_of_pgbench_floor_inprocess"] = [
             1000 / d / t for d, t in zip(ms["dex_inprocess"], tps, strict=True) if t
         ]
+    if sink is not None:
+        series["dex_traced_ms_per_step"] = ms["dex_traced"]
+        series["ratio_traced_vs_dex"] = ratio("dex_traced", "dex")
+        series["dex_inprocess_traced_ms_per_step"] = ms["dex_inprocess_traced"]
+        series["ratio_inprocess_traced_vs_inprocess"] = ratio("dex_inprocess_traced", "dex_inprocess")
     spreads = {name: spread(values) for name, values in series.items()}
     figures: dict[str, Any] = {name: s["median"] for name, s in spreads.items()}
     figures.update({k: v for k, v in counts.items() if not isinstance(v, dict)})
@@ -155,6 +164,8 @@ def run(env: BenchEnv) -> dict:
     cpu = {v.name: _cpu_per_step(alt.all(v.name), v.steps) for v in variants}
     if cpu["dex"]:
         figures["cpu_ms_per_step"] = cpu["dex"]["total"]
+    if sink is not None:
+        figures["spans_exported"] = sink.spans
     goals_met, met = judge(figures, GOAL)
     return rounded(
         {
@@ -356,6 +367,70 @@ def _variants(
         ),
         Variant("commit_floor", STEPS, commit_floor, prepare=_flush_publisher),
     ]
+
+
+def _otel_requested() -> bool:
+    import os
+
+    return os.environ.get("DEX_BENCH_OTEL", "").lower() in ("1", "on", "true", "yes")
+
+
+def _traced_variants(env: BenchEnv, variants: list[Variant], client: Any) -> Any:
+    """dex and dex_inprocess again with tracing on, alternating with the untraced ones (BENCH.md: A, B, A, B):
+    the bench process's tracer is registered only around a traced round; the traced worker has the OTEL_*
+    variables. Both export to one loopback receiver. Returns it (it counts the spans)."""
+    from django.test import override_settings
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from bench.agents import NOOP_TASK_ID, done_key
+    from bench.otlp_sink import OtlpSink
+    from runs import services
+    from runs.engine import hooks
+    from runs.integrations.otel import DexTracer
+
+    sink = OtlpSink()
+    env.stack.callback(sink.stop)
+    provider = TracerProvider(resource=Resource.create({"service.name": "dex-bench"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{sink.url}/v1/traces")))
+    env.stack.callback(provider.shutdown)
+    tracer = DexTracer(provider.get_tracer("dex"))
+    queue = f"{env.queue}-traced"
+    env.start_worker(
+        name="traced",
+        queue=queue,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": sink.url, "OTEL_SERVICE_NAME": "dex-bench-worker"},
+    )
+
+    @contextlib.contextmanager
+    def traced():
+        hooks.set_tracer(tracer)
+        try:
+            yield
+        finally:
+            hooks.set_tracer(None)
+
+    def dex_traced(_: None) -> None:
+        with traced(), override_settings(DEX_DEFAULT_QUEUE=queue):
+            run, _created = services.run_trigger(task_id=NOOP_TASK_ID, payload={"steps": STEPS})
+        if client.blpop([done_key(f"dex:{run.id}")], timeout=DONE_TIMEOUT) is None:
+            raise RuntimeError(f"no completion signal for the traced run {run.id} within {DONE_TIMEOUT}s")
+
+    by_name = {v.name: v for v in variants}
+    inprocess = by_name["dex_inprocess"]
+
+    def dex_inprocess_traced(run_id: str) -> None:
+        with traced():
+            inprocess.run(run_id)
+
+    at = variants.index(by_name["dex_nopublish"]) + 1
+    variants[at:at] = [
+        Variant("dex_traced", STEPS, dex_traced, prepare=_flush_publisher),
+        Variant("dex_inprocess_traced", STEPS, dex_inprocess_traced, prepare=inprocess.prepare),
+    ]
+    return sink
 
 
 def _peer_repeats(env: BenchEnv, name: str) -> int | None:
