@@ -163,7 +163,7 @@ class DexTracer(hooks.Tracer):
             span.set_attribute("dex.step.status", "interrupted")
             span.end()
         span = execution.span
-        span.set_attribute("dex.run.status", status or "lease_lost")
+        span.set_attribute("dex.run.status", status or "unsettled")  # the lease was lost, or Postgres failed
         if status in FAILED_RUN:
             span.set_status(Status(StatusCode.ERROR, f"the run {status.replace('_', ' ')}"))
         span.end()

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from django.test import Client
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient, Client
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -127,13 +128,17 @@ def test_a_run_triggered_from_python_continues_the_current_span(spans):
     assert run.trace_context["traceparent"].split("-")[1] == format(caller.get_span_context().trace_id, "032x")
 
 
-def test_the_api_trigger_continues_the_callers_traceparent(spans, settings):
+@pytest.mark.parametrize("handler", ["wsgi", "asgi"])
+def test_the_api_trigger_continues_the_callers_traceparent(spans, settings, handler):
     settings.MIDDLEWARE = ["runs.integrations.otel.TraceContextMiddleware", *settings.MIDDLEWARE]
     _key, secret = services.apikey_create(name="otel", by=Actor.system("tests"))
-    client = Client(headers={"authorization": f"Bearer {secret}", "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
-    response = client.post(
-        "/api/tasks/t-traced-child/trigger", {"payload": {"ledger": "/dev/null"}}, "application/json"
-    )
+    headers = {"authorization": f"Bearer {secret}", "traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
+    body = {"payload": {"ledger": "/dev/null"}}
+    if handler == "wsgi":
+        response = Client(headers=headers).post("/api/tasks/t-traced-child/trigger", body, "application/json")
+    else:  # daphne's path: the middleware's async side
+        post = AsyncClient().post
+        response = async_to_sync(post)("/api/tasks/t-traced-child/trigger", body, "application/json", headers=headers)
     assert response.status_code == 201, response.content
     run = Run.objects.get(pk=response.json()["id"])
     [start] = by_name(spans)["StartRun:t-traced-child"]
