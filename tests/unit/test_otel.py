@@ -213,3 +213,23 @@ def test_a_steps_span_is_current_while_its_function_runs_sync_or_async(spans):
     }
     [execution] = named["RunTask:t-traced-async"]
     assert coroutine.parent.span_id == function.parent.span_id == execution.context.span_id
+
+
+class BrokenTracer(hooks.Tracer):
+    """Every hook fails."""
+
+    def _fail(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("the tracer is broken")
+
+    run_trace_context = execution_started = execution_ended = step_started = step_running = step_ended = _fail
+
+
+def test_a_failing_tracer_never_fails_the_run(tmp_path, caplog):
+    hooks.set_tracer(BrokenTracer())
+    try:
+        run = run_task("t-traced", {"ledger": str(tmp_path / "ledger"), "failures": 1})
+    finally:
+        hooks.set_tracer(None)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.output["flaky"] == "ok on attempt 2"
+    assert "the tracer is broken" in caplog.text
