@@ -233,3 +233,20 @@ def test_a_failing_tracer_never_fails_the_run(tmp_path, caplog):
     assert run.status == RunStatus.COMPLETED, run.error
     assert run.output["flaky"] == "ok on attempt 2"
     assert "the tracer is broken" in caplog.text
+
+
+def test_a_run_created_where_tracing_was_off_is_traced_under_its_own_id(spans, tmp_path):
+    from runs.engine import enqueue_to, run_create
+    from runs.sdk.registry import registry
+    from runs.testing import drive
+
+    tracer = hooks._tracer
+    hooks.set_tracer(None)  # the web process that triggered it had no OTEL_* variables
+    with enqueue_to(lambda run_id: None):
+        run, _ = run_create(task=registry.get("t-traced"), payload={"ledger": str(tmp_path / "ledger")})
+    hooks.set_tracer(tracer)
+    assert run.trace_context is None
+    assert drive(run).status == RunStatus.COMPLETED
+    executions = by_name(spans)["RunTask:t-traced"]
+    assert len(executions) == 2  # the retry back-off parked it between them
+    assert {span.context.trace_id for span in spans.get_finished_spans()} == {run.id.int}
