@@ -303,8 +303,9 @@ def _park(env: BenchEnv, n: int, window: float) -> dict:
     rate = half / max(t_w - t0, 1e-3)
     # One fixed duration for every sleeper: all of them parked, the checks made and the idle window over
     # before the first is due (sleepers park about as fast as the waiters did; 1.5x margin, plus the wait for
-    # the server's counters to settle and 8 s).
-    seconds = math.ceil(1.5 * (n - half) / rate + STATS_SETTLE[env.sizes.name] + window + 8)
+    # the server's counters to settle and a margin: 8 s, 3 s at --tiny, whose 200 runs park in about 2 s).
+    margin = 3 if env.sizes.name == "tiny" else 8
+    seconds = math.ceil(1.5 * (n - half) / rate + STATS_SETTLE[env.sizes.name] + window + margin)
     log(f"{half} waiters parked ({rate:.0f}/s); sleepers sleep {seconds} s")
     t_s = time.time()
     for _ in range(n - half):
@@ -439,7 +440,7 @@ def _celery_eta(env: BenchEnv, client: Any, n: int) -> dict:
     _wait_for("the ETA warm-up", done(WARMUP_RUNS), 60)
     time.sleep(1.0)
     rss_before = _rss_mb(worker)
-    countdown = max(6.0 if env.sizes.name == "tiny" else 10.0, n / 500 + 8 if n > 500 else 0.0)
+    countdown = max(4.0 if env.sizes.name == "tiny" else 10.0, n / 500 + 8 if n > 500 else 0.0)
     t0 = time.time()
     for _ in range(n):
         eta_noop.apply_async((f"eta:{token}",), countdown=countdown)
