@@ -137,12 +137,12 @@ def test_the_sse_stream_carries_a_runs_events_until_it_finishes(daphne: Daphne, 
     assert Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED
 
 
-def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict[str, str], session_cookie: str):
+def test_clients_that_go_away_leave_the_runs_channel(daphne: Daphne, dex_env: dict[str, str], session_cookie: str):
     """A closed tab or a dropped SSE client must not stay subscribed: Redis is asked who listens."""
     _key, secret = ApiKey.generate(name="sse")
     run = Run.objects.create(task_id="t-ten-steps", status=RunStatus.RUNNING)
     redis = Redis.from_url(settings.REDIS_URL)
-    group = f"{dex_env['DEX_CHANNEL_PREFIX']}__group__run.{run.pk}"
+    group = f"{dex_env['DEX_CHANNEL_PREFIX']}:run:{run.pk}"  # runs.realtime.run_channel
 
     def listeners() -> int:
         return redis.pubsub_numsub(group)[0][1]
@@ -152,7 +152,7 @@ def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict
     assert listeners() == 1
     response.close()
     conn.close()
-    wait_for(lambda: listeners() == 0, timeout=15, what="the SSE client's channel to leave the group")
+    wait_for(lambda: listeners() == 0, timeout=15, what="the SSE client to leave the channel")
 
     async def watch_and_leave() -> None:
         headers = {"Cookie": session_cookie}
@@ -163,7 +163,7 @@ def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict
             assert listeners() == 1
 
     async_to_sync(watch_and_leave)()
-    wait_for(lambda: listeners() == 0, timeout=15, what="the websocket's channel to leave the group")
+    wait_for(lambda: listeners() == 0, timeout=15, what="the websocket's hub to leave the channel")
 
 
 def read_event(response: http.client.HTTPResponse) -> tuple[str, Any]:

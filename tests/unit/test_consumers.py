@@ -145,9 +145,10 @@ def test_it_sends_the_run_page_snapshot_then_each_change(cookie: str) -> None:
             assert f'hx-swap-oob="beforeend:#run-{run.pk}-steps"' in html
             assert "status-running" in html
 
-            # It settles: its row replaces the placeholder.
+            # It settles: its row replaces the placeholder. The event says what changed, the row's id included
+            # (as the engine's do); nothing is read back.
             s2 = await _create_step(run, "s2", 1)
-            publish("step", key="s2", status="completed", attempt=1, duration=0.1)
+            publish("step", key="s2", id=s2.pk, seq=1, status="completed", attempt=1, output_preview="1")
             html = await receive_until(comm, lambda m: f'id="step-{s2.pk}"' in m)
             assert f'hx-swap-oob="outerHTML:#{pending_id}"' in html
             assert "status-completed" in html

@@ -1,0 +1,395 @@
+"""Per web process, one hub per watched run: one subscription, one mirror, one render per event.
+
+Every socket of this process watching run X joins X's RunHub. The hub subscribes to the run's Redis channel
+once (runs.realtime.Subscriber), keeps a mirror of what the run page shows (the context of
+runs.web.fragments.run_detail_context, read once) and applies each event to it. For each event it renders each
+changed fragment once per variant (operators see action buttons, viewers don't) and writes that same frame to
+every socket watching the run. Postgres is read only for a snapshot:
+
+- when the hub starts (its first socket); later sockets get the snapshot rendered from the mirror;
+- when the event sequence has a hole (`seq` isn't the last one + 1) or the Redis connection was re-made;
+- when the run ends (the end-of-run repaint, read and rendered once per process, not once per socket), and
+  when it parks on something the events don't describe (a waitpoint or child runs shown in its header).
+
+The mirror's dom ids (which row id each step has on the clients) are shared by all sockets: they all got the
+same snapshot and the same frames in the same order, so one bookkeeping serves them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from decimal import Decimal, InvalidOperation
+from typing import Any, Protocol
+from uuid import UUID
+
+from channels.db import database_sync_to_async
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from runs import realtime
+from runs.models import TERMINAL_STATUSES, Step, StepKind
+from runs.web import fragments
+
+log = logging.getLogger(__name__)
+
+# A run parked on these shows what it waits for (waitpoint, child runs) in its header: not in the events.
+_PARKS_WITH_DETAILS = {StepKind.EVENT, StepKind.APPROVAL, StepKind.INVOKE, StepKind.MAP}
+
+
+class Socket(Protocol):
+    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
+        """A websocket consumer's send."""
+
+    async def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """A websocket consumer's close."""
+
+
+class Stats:
+    """What hubs did in this process: tests assert on them (renders and reads per event, not timings)."""
+
+    def __init__(self) -> None:
+        self.snapshot_reads = 0
+        self.renders = 0
+        self.frames = 0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+stats = Stats()
+
+
+def _ts(value: Any) -> Any:
+    return parse_datetime(value) if isinstance(value, str) else value
+
+
+class Mirror:
+    """What the clients of one run page show, as the run page's context (fragments.run_detail_context)."""
+
+    def __init__(self, context: dict[str, Any]):
+        self.context = context
+        self.run = context["run"]
+        self.steps: list[Any] = context["steps"]
+        self.by_key: dict[str, Any] = {step.key: step for step in self.steps}
+        # step key -> the id of its row on the clients
+        self.step_rows: dict[str, str] = {step.key: fragments.step_dom_id(step) for step in self.steps}
+        # step key -> characters of its token stream the clients show
+        self.streamed: dict[str, int] = {key: len(text) for key, text in context["tokens"].items()}
+        self.metadata: dict[str, Any] = dict(context["metadata"])
+        self.last_step_kind = ""
+
+    def snapshot_context(self, can_operate: bool) -> dict[str, Any]:
+        self.context["timeline"] = fragments.Timeline.of(self.run, self.steps)
+        self.context["metadata"] = sorted(self.metadata.items())
+        return {**self.context, "can_operate": can_operate}
+
+    # -- applying events -------------------------------------------------------------------------------------
+    def apply_run(self, data: dict[str, Any]) -> None:
+        run = self.run
+        for name in ("status", "code_version"):
+            if data.get(name) is not None:
+                setattr(run, name, data[name])
+        for name in ("started_at", "finished_at", "wake_at"):
+            if name in data:
+                setattr(run, name, _ts(data[name]))
+        if "error" in data:
+            run.error = data["error"]
+        if data.get("cost_usd") is not None:
+            with contextlib.suppress(InvalidOperation):
+                run.cost_usd = Decimal(str(data["cost_usd"]))
+        if data.get("cancel_requested") and not run.cancel_requested_at:
+            run.cancel_requested_at = timezone.now()
+        if run.status != "waiting":
+            run.pending_waits = []
+            run.wake_at = data.get("wake_at") and _ts(data["wake_at"])
+        run.version = None  # the page's version guard compares reads; a push from the mirror is newest
+
+    def apply_step(self, data: dict[str, Any]) -> Any:
+        key = data["key"]
+        status = data.get("status") or "running"
+        attempt = int(data.get("attempt") or 1)
+        step = self.by_key.get(key)
+        if not isinstance(step, Step):
+            step = Step(
+                run_id=self.run.pk,
+                key=key,
+                seq=data.get("seq") or 0,
+                kind=data.get("kind") or getattr(step, "kind", "") or StepKind.STEP,
+                status=status,
+                attempts=attempt,
+                history=[],
+                meta={},
+            )
+            old = self.by_key.get(key)
+            if old is not None and old in self.steps:
+                self.steps[self.steps.index(old)] = step
+            else:
+                self.steps.append(step)
+                if len(self.steps) > fragments.STEPS_LIMIT:
+                    dropped = self.steps.pop(0)
+                    self.by_key.pop(dropped.key, None)
+                    self.context["hidden_steps"] = self.context.get("hidden_steps", 0) + 1
+            self.by_key[key] = step
+        if data.get("id") and step.pk is None:
+            step.id = data["id"]
+            self.run.step_count = (getattr(self.run, "step_count", 0) or 0) + 1
+        self.last_step_kind = step.kind
+        step.status = status
+        step.attempts = attempt
+        if data.get("started_at"):
+            step.started_at = _ts(data["started_at"])
+        step.finished_at = _ts(data.get("finished_at"))
+        step.wake_at = _ts(data.get("wake_at"))
+        if status == "running":
+            return step
+        if data.get("error"):
+            error = {"type": data.get("error_type") or "Error", "message": data["error"]}
+            step.error = error
+            if status in ("retrying", "failed"):
+                step.history = [*(step.history or []), {"attempt": attempt, "error": error}]
+        elif status == "completed":
+            step.error = None
+        preview = data.get("output_preview")
+        if preview is not None:
+            try:
+                step.output = json.loads(preview)
+            except ValueError:
+                step.output = preview  # cut: shown as text until the end-of-run repaint
+        meta = dict(step.meta or {})
+        if data.get("usage"):
+            meta["usage"] = data["usage"]
+        if data.get("children"):
+            meta["children"] = data["children"]
+        step.meta = meta
+        return step
+
+    def step_oob(self, step: Any) -> str:
+        dom_id = fragments.step_dom_id(step)
+        current = self.step_rows.get(step.key)
+        self.step_rows[step.key] = dom_id
+        if current is None:
+            return "append"
+        if current == dom_id:
+            return "true"
+        return f"outerHTML:#{current}"
+
+    def apply_log(self, data: dict[str, Any]) -> None:
+        line = {**data, "ts": _ts(data.get("ts"))}
+        logs = self.context["logs"]
+        logs.append(line)
+        if len(logs) > fragments.LOG_LINES_LIMIT:
+            logs.pop(0)
+            self.context["hidden_logs"] = self.context.get("hidden_logs", 0) + 1
+        if data.get("step_key"):
+            self.context["step_logs"].setdefault(data["step_key"], []).append(line)
+
+
+class RunHub:
+    """The sockets of this process watching one run, fed from one subscription (see the module docstring)."""
+
+    def __init__(self, run_id: UUID):
+        self.run_id = run_id
+        self.channel = realtime.run_channel(run_id)
+        self.sockets: dict[Socket, bool] = {}  # socket -> can_operate
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.mirror: Mirror | None = None
+        self.last_seq: int | None = None
+        # The snapshot frame per variant, rendered from the mirror once until the next event changes it.
+        self._snapshot_html: dict[bool, str] = {}
+        # Events that came before the first snapshot was read: applied after it (the old order of things).
+        self._early: list[realtime.RunEvent] = []
+
+    async def join(self, socket: Socket, *, can_operate: bool) -> None:
+        self.sockets[socket] = can_operate
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._loop())
+            await realtime.subscriber().subscribe(self.channel, self._on_event)
+        self.queue.put_nowait(("join", socket))
+
+    async def leave(self, socket: Socket) -> None:
+        self.sockets.pop(socket, None)
+        if self.sockets or _hubs.get(self.run_id) is not self:
+            return
+        del _hubs[self.run_id]
+        if self.task is not None:
+            self.task.cancel()
+        await realtime.subscriber().unsubscribe(self.channel, self._on_event)
+
+    def _on_event(self, event: realtime.RunEvent | None) -> None:
+        self.queue.put_nowait(("event", event))
+
+    async def _loop(self) -> None:
+        while True:
+            what, item = await self.queue.get()
+            try:
+                if what == "join":
+                    await self._greet(item)
+                elif item is None:  # the subscription was re-made: events may be lost
+                    await self._resnapshot()
+                else:
+                    await self._apply(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("run %s: live update failed", self.run_id)
+
+    async def _read(self) -> bool:
+        stats.snapshot_reads += 1
+        context = await database_sync_to_async(fragments.run_detail_context)(self.run_id)
+        self._snapshot_html.clear()
+        self.last_seq = None
+        if context is None:  # the run was deleted
+            for socket in list(self.sockets):
+                await _quietly(socket.close())
+            self.mirror = None
+            return False
+        self.mirror = Mirror(context)
+        return True
+
+    def _snapshot_for(self, can_operate: bool) -> str:
+        html = self._snapshot_html.get(can_operate)
+        if html is None:
+            assert self.mirror is not None
+            stats.renders += 1
+            html = self._snapshot_html[can_operate] = fragments.render_run_snapshot(
+                self.mirror.snapshot_context(can_operate)
+            )
+        return html
+
+    async def _greet(self, socket: Socket) -> None:
+        if socket not in self.sockets:
+            return
+        if self.mirror is None and not await self._read():
+            return
+        await self._write_to([socket], {self.sockets[socket]: [self._snapshot_for(self.sockets[socket])]})
+        early, self._early = self._early, []
+        for event in early:
+            await self._apply(event)
+
+    async def _resnapshot(self) -> None:
+        if not await self._read():
+            return
+        frames = {variant: [self._snapshot_for(variant)] for variant in set(self.sockets.values())}
+        await self._write_to(list(self.sockets), frames)
+
+    async def _apply(self, event: realtime.RunEvent) -> None:
+        if self.mirror is None:
+            self._early.append(event)
+            return
+        if event.seq is not None:
+            if self.last_seq is not None and event.seq != self.last_seq + 1:
+                log.info("run %s: events %s..%s lost; reading a snapshot", self.run_id, self.last_seq, event.seq)
+                await self._resnapshot()
+                self.last_seq = event.seq
+                if event.kind not in ("step", "token", "metadata"):
+                    return
+            self.last_seq = event.seq
+        self._snapshot_html.clear()
+        mirror = self.mirror
+        data = event.data
+        frames: dict[bool | None, list[str]] = {}
+        if event.kind == "run":
+            if data.get("status") in TERMINAL_STATUSES or (
+                data.get("status") == "waiting" and mirror.last_step_kind in _PARKS_WITH_DETAILS
+            ):
+                # The run's last write stored every line and step: repaint every region from Postgres once.
+                last = self.last_seq
+                await self._resnapshot()
+                self.last_seq = last
+                return
+            mirror.apply_run(data)
+            for variant in set(self.sockets.values()):
+                stats.renders += 1
+                frames[variant] = [fragments.render_run_status(mirror.run, can_operate=variant)]
+        elif event.kind == "step" and data.get("key"):
+            step = mirror.apply_step(data)
+            oob = mirror.step_oob(step)
+            timeline = mirror.context["timeline"].extended_to_now()
+            for variant in set(self.sockets.values()):
+                stats.renders += 1
+                html = fragments.render_step(step, oob=oob, run_pk=self.run_id, can_operate=variant, timeline=timeline)
+                frames[variant] = [html]
+        elif event.kind == "log":
+            mirror.apply_log(data)
+            stats.renders += 1
+            frames[None] = [fragments.render_log_lines([data], run_pk=self.run_id)]
+        elif event.kind == "metadata" and "key" in data:
+            mirror.metadata[data["key"]] = data.get("value")
+            stats.renders += 1
+            frames[None] = [fragments.render_metadata(mirror.run, mirror.metadata)]
+        elif event.kind == "token":
+            html = await self._token(data)
+            if html:
+                frames[None] = [html]
+        if frames:
+            await self._write_to(list(self.sockets), frames)
+
+    async def _token(self, data: dict[str, Any]) -> str | None:
+        assert self.mirror is not None
+        mirror = self.mirror
+        key = data.get("key", "")
+        dom_id = mirror.step_rows.get(key)
+        if not dom_id:
+            return None
+        tokens: dict[str, str] = mirror.context["tokens"]
+        if data.get("reset"):
+            mirror.streamed[key] = 0
+            tokens[key] = ""
+            stats.renders += 1
+            return fragments.render_tokens_reset(dom_id)
+        text = data.get("text") or ""
+        offset = data.get("offset")
+        shown = mirror.streamed.get(key, 0)
+        if not text:
+            return None
+        if not isinstance(offset, int):  # a worker of an older version: append as it comes
+            offset = shown
+        end = offset + len(text)
+        if end <= shown:
+            return None  # the snapshot already had it (stored between subscribing and reading)
+        if offset > shown:
+            # Published before the hub subscribed, stored after its snapshot's read: read it back. If it isn't
+            # stored yet, wait for the next piece (the final repaint shows the whole text in any case).
+            stats.snapshot_reads += 1
+            stored = await database_sync_to_async(fragments.streamed_text)(self.run_id, key)
+            if len(stored) < offset:
+                return None
+            text = stored[shown:offset] + text
+            offset = shown
+        new = text[shown - offset :]
+        mirror.streamed[key] = end
+        tokens[key] = tokens.get(key, "") + new
+        stats.renders += 1
+        return fragments.render_tokens(dom_id, new)
+
+    async def _write_to(self, sockets: list[Socket], frames: dict[Any, list[str]]) -> None:
+        shared = frames.get(None, [])
+        for socket in sockets:
+            variant = self.sockets.get(socket)
+            if variant is None:
+                continue
+            for html in frames.get(variant, shared):
+                stats.frames += 1
+                await _quietly(socket.send(text_data=html))
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:  # a socket that went away mid-write: its disconnect removes it from the hub
+        log.debug("a live update could not be written", exc_info=True)
+
+
+# run id -> its hub, in this process (one event loop: daphne's).
+_hubs: dict[UUID, RunHub] = {}
+
+
+def run_hub(run_id: UUID) -> RunHub:
+    hub = _hubs.get(run_id)
+    if hub is None or hub.task is not None and hub.task.get_loop() is not asyncio.get_running_loop():
+        hub = _hubs[run_id] = RunHub(run_id)
+    return hub
