@@ -21,6 +21,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
@@ -28,7 +29,7 @@ from dexweb.asgi import application
 from runs import realtime
 from runs.api import sse
 from runs.models import ApiKey, Run, RunStatus, Step, StepChunk, StepStatus
-from runs.web import fragments
+from runs.web import fragments, hub
 from runs.web.consumers import RunListConsumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -249,6 +250,96 @@ def test_a_page_opened_mid_stream_shows_each_streamed_character_once(cookie: str
             await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_sockets_watching_one_run_cost_one_snapshot_and_one_render_per_event_not_one_per_socket(
+    cookie: str, operator: Client
+) -> None:
+    """N sockets of one process on one run: the run is read once when the first one joins; after that an event
+    costs no query and one render per variant (viewer, operator), written to all N. A hole in the event
+    sequence, and the run's end, cost one read for all of them."""
+    run = make_run(metadata={"phase": "start"})
+    make_step(run, "s1", 0)
+    operator_cookie = f"sessionid={operator.cookies['sessionid'].value}"
+    cookies = [cookie, operator_cookie] * 6  # 12 sockets, two variants
+    # Every query of the consumers runs on this thread's connection (database_sync_to_async comes back here).
+    queries: list[str] = []
+
+    def counted(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    one_snapshot: list[str] = []
+
+    def publish(kind: str, **data: Any) -> None:
+        realtime.publish_now(realtime.RunEvent(kind, str(run.pk), data), to_runs_list=kind == "run")
+
+    async def each_gets(comms: list[WebsocketCommunicator], predicate: Callable[[str], bool]) -> list[str]:
+        return [await receive_until(comm, predicate) for comm in comms]
+
+    async def scenario() -> None:
+        hub.stats.reset()
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=c) for c in cookies]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+            snapshots = await each_gets(comms, lambda m: f'id="run-{run.pk}-steps"' in m)
+            assert all("s1" in m for m in snapshots)
+            assert hub.stats.snapshot_reads == 1  # the first socket's; the others were served from the mirror
+
+            s2 = await _create_step(run, "s2", 1)
+            hub.stats.reset()
+            queries.clear()
+            publish("step", key="s2", seq=1, status="running", attempt=1, started_at=timezone.now().isoformat())
+            publish("step", key="s2", id=s2.pk, seq=1, status="completed", attempt=1, output_preview="1")
+            publish("log", step_key="s2", ts=timezone.now().isoformat(), level="INFO", message="half way")
+            publish("metadata", key="progress", value=0.5)
+            publish("run", status="running", cost_usd="0.25")
+            await each_gets(comms, lambda m: f'id="step-{s2.pk}"' in m and "status-completed" in m)
+            await each_gets(comms, lambda m: "half way" in m)
+            await each_gets(comms, lambda m: f'id="run-{run.pk}-metadata"' in m and "progress" in m)
+            pushed = await each_gets(comms, lambda m: f'id="run-{run.pk}-header"' in m)
+            assert queries == []
+            # step running, step completed, run: per variant; log and metadata: the same frame for both
+            assert hub.stats.renders == 3 * 2 + 2
+            assert hub.stats.frames == 5 * len(comms)
+            assert hub.stats.snapshot_reads == 0
+            assert all(("/cancel/" in m) == (i % 2 == 1) for i, m in enumerate(pushed))  # operators' buttons
+
+            # An event lost on the way (the run's counter moved past it): one read, a fresh snapshot for all.
+            await sync_to_async(_skip_an_event)(run)
+            hub.stats.reset()
+            queries.clear()
+            publish("metadata", key="progress", value=0.75)
+            await each_gets(comms, lambda m: f'id="run-{run.pk}-steps"' in m)
+            assert hub.stats.snapshot_reads == 1
+            assert 0 < len(queries) <= len(one_snapshot)  # one snapshot's, whatever the number of sockets
+
+            # The run ends: every region repainted from Postgres, read once for all the sockets.
+            await _finish(run)
+            hub.stats.reset()
+            queries.clear()
+            publish("run", status="completed")
+            repaints = await each_gets(comms, lambda m: f'id="run-{run.pk}-header"' in m)
+            assert all("status-completed" in m and "55" in m for m in repaints)
+            assert hub.stats.snapshot_reads == 1
+            assert 0 < len(queries) <= len(one_snapshot)  # one snapshot's, whatever the number of sockets
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    with connection.execute_wrapper(counted):
+        fragments.run_detail_context(run.pk)
+        one_snapshot += queries
+        async_to_sync(scenario)()
+
+
+def _skip_an_event(run: Run) -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.REDIS_URL).incr(f"{realtime.channel_prefix()}:seq:{run.pk}")
 
 
 # --- websockets: the run list ------------------------------------------------------------------------------
