@@ -12,7 +12,6 @@ differ), reading a changed run once per process per event (SharedReads) and shar
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 from uuid import UUID
@@ -22,7 +21,6 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http import QueryDict
 
-from runs import realtime
 from runs.models import Run
 from runs.ops import audit
 from runs.selectors import RunListFilters
@@ -40,37 +38,6 @@ def _authenticated(scope: dict[str, Any]) -> bool:
 
 # RFC 6455 close code "message too big".
 CLOSE_TOO_BIG = 1009
-
-
-class SharedReads:
-    """Single-flight reads for the consumers of one process.
-
-    Every consumer of a group receives the same event at the same moment, and each would run the same query
-    on channels' one database thread, one after another: with 100 watchers of a run, a step's push waited for
-    99 other identical reads. The first consumer to ask for (what, *args) runs the read; the others asking
-    while it is in flight await its result. Nothing is kept after the read returns, so a later event always
-    reads afresh (never an older state than the event announced).
-    """
-
-    def __init__(self) -> None:
-        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
-
-    async def get(self, fn: Any, *args: Any) -> Any:
-        key = (fn, *args)
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(database_sync_to_async(fn)(*args))
-            self._inflight[key] = future
-            future.add_done_callback(lambda done: self._forget(key, done))
-        # shield: one consumer disconnecting mid-read must not cancel the read the others are waiting on.
-        return await asyncio.shield(future)
-
-    def _forget(self, key: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
-        if self._inflight.get(key) is done:
-            del self._inflight[key]
-
-
-shared_reads = SharedReads()
 
 
 def _rendered(obj: Any, key: tuple[Any, ...], render: Any) -> str:
@@ -103,15 +70,11 @@ class CappedConsumer(AsyncWebsocketConsumer):
 class RunListConsumer(CappedConsumer):
     """The run list's first page, filtered as the socket URL's query string says (the page's own filters):
     new runs that match appear, status changes replace their row, a run that stops matching leaves, and the
-    per-status counters follow."""
-
-    # The counters cost a (bounded) query: refreshed at most this often, however many runs change.
-    COUNTERS_INTERVAL = 2.0
+    per-status counters follow. Fed by the process's RunListHub (runs.web.hub)."""
 
     filters = RunListFilters()
     is_operator = False
-    _counters_task: asyncio.Task[None] | None = None
-    _counters_sent = 0.0
+    hub: hub_module.RunListHub | None = None
 
     async def connect(self) -> None:
         if not _authenticated(self.scope):
@@ -120,46 +83,23 @@ class RunListConsumer(CappedConsumer):
         self.filters = RunFilterForm(QueryDict(self.scope.get("query_string", b"").decode())).filters()
         # Pushed rows carry the bulk-selection checkbox only for operators.
         self.is_operator = await database_sync_to_async(audit.is_operator)(self.scope["user"])
-        self._events: asyncio.Queue[realtime.RunEvent | None] = asyncio.Queue()
-        self._reader = asyncio.ensure_future(self._read_events())
-        await realtime.subscriber().subscribe(realtime.runs_channel(), self._events.put_nowait)
         await self.accept()
+        # Joined (subscribed) before the snapshot's read, so no change falls between the two.
+        self.shown: list[UUID] = []
+        self.hub = hub_module.run_list_hub()
+        await self.hub.join(self)
         runs = await database_sync_to_async(fragments.run_list_runs)(self.filters)
         # Newest first, as on the page.
-        self.shown: list[UUID] = [run.pk for run in runs]
+        self.shown = [run.pk for run in runs]
         await self.send(text_data=fragments.render_run_rows(runs, is_operator=self.is_operator))
-        await self._send_counters()
+        await self.hub.greet(self, runs)
 
     async def disconnect(self, code: int) -> None:
-        if self._counters_task is not None:
-            self._counters_task.cancel()
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader.cancel()
-            await realtime.subscriber().unsubscribe(realtime.runs_channel(), self._events.put_nowait)
+        if self.hub is not None:
+            await self.hub.leave(self)
 
-    async def _read_events(self) -> None:
-        while True:
-            event = await self._events.get()
-            try:
-                await self.run_event(event)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("run list: live update failed")
-
-    async def run_event(self, event: realtime.RunEvent | None) -> None:
-        if event is None:  # the subscription was re-made (events lost): the counters at least are re-read
-            self._counters_soon()
-            return
-        if event.kind != "run":
-            return
-        run = await shared_reads.get(fragments.run_get_or_none, event.run_id)
-        if run is None:  # deleted, or another database's run on a shared Redis
-            return
-        for html in self._place(run):
-            await self.send(text_data=html)
-        self._counters_soon()
+    def place(self, run: Run) -> list[str]:
+        return self._place(run)
 
     def _place(self, run: Run) -> list[str]:
         """The fragments that put `run` on the list: each is its own message, because table parts don't
@@ -191,19 +131,6 @@ class RunListConsumer(CappedConsumer):
         while len(self.shown) > fragments.RUN_LIST_LIMIT:
             messages.append(fragments.render_remove(f"run-{self.shown.pop()}"))
         return messages
-
-    def _counters_soon(self) -> None:
-        if self._counters_task is not None and not self._counters_task.done():
-            return  # already due: it will read the counts after this change too
-        delay = max(0.0, self._counters_sent + self.COUNTERS_INTERVAL - asyncio.get_running_loop().time())
-        self._counters_task = asyncio.ensure_future(self._send_counters(delay))
-
-    async def _send_counters(self, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        counters = await database_sync_to_async(fragments.run_list_counters)()
-        self._counters_sent = asyncio.get_running_loop().time()
-        await self.send(text_data=fragments.render_run_counters(counters))
 
 
 class RunDetailConsumer(CappedConsumer):

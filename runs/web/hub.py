@@ -393,3 +393,185 @@ def run_hub(run_id: UUID) -> RunHub:
     if hub is None or hub.task is not None and hub.task.get_loop() is not asyncio.get_running_loop():
         hub = _hubs[run_id] = RunHub(run_id)
     return hub
+
+
+class ListSocket(Protocol):
+    is_operator: bool
+
+    async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
+        """A websocket consumer's send."""
+
+    def place(self, run: Any) -> list[str]:
+        """The frames that put `run` on this socket's list (its filters, its rows)."""
+
+
+class RunListHub:
+    """The run-list sockets of this process, fed from one subscription to the runs channel.
+
+    Each socket has its own filters and rows, so placing a run is per socket; what is shared is the
+    subscription, the run as of the event (a mirror of the runs the sockets show, updated from the events
+    the worker publishes, which carry everything a row shows; a run not in the mirror, or an event from
+    elsewhere that says only the status, is read once per process), the rendering of its row (once per
+    variant, runs.web.consumers._rendered) and the per-status counters (read and rendered once per
+    interval for every socket).
+    """
+
+    # The counters cost a (bounded) query: refreshed at most this often, however many runs change.
+    COUNTERS_INTERVAL = 2.0
+    # Fields a worker's run event carries (runs.engine.settle.run_event, execute): enough for a row.
+    _COMPLETE = ("started_at", "code_version")
+    # Runs kept in the mirror: a few pages' worth (a socket shows fragments.RUN_LIST_LIMIT).
+    MIRROR_LIMIT = 2000
+
+    def __init__(self) -> None:
+        self.channel = realtime.runs_channel()
+        self.sockets: set[ListSocket] = set()
+        self.queue: asyncio.Queue[realtime.RunEvent | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.runs: dict[str, Any] = {}  # run id -> Run, as the last event left it
+        self.seqs: dict[str, int] = {}
+        self._counters_html: str | None = None
+        self._counters_task: asyncio.Task[None] | None = None
+        self._counters_read = 0.0
+
+    async def join(self, socket: ListSocket) -> None:
+        self.sockets.add(socket)
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._loop())
+            await realtime.subscriber().subscribe(self.channel, self.queue.put_nowait)
+
+    async def greet(self, socket: ListSocket, runs: list[Any]) -> None:
+        """After the socket's snapshot (`runs`, read on connect, which join the mirror): the counters."""
+        for run in runs:
+            self.runs.setdefault(str(run.pk), run)
+        if self._counters_html is None:
+            await self._read_counters()
+        await _quietly(socket.send(text_data=self._counters_html))
+
+    async def leave(self, socket: ListSocket) -> None:
+        self.sockets.discard(socket)
+        if self.sockets or _list_hubs.get(asyncio.get_running_loop()) is not self:
+            return
+        del _list_hubs[asyncio.get_running_loop()]
+        for task in (self.task, self._counters_task):
+            if task is not None:
+                task.cancel()
+        await realtime.subscriber().unsubscribe(self.channel, self.queue.put_nowait)
+
+    async def _loop(self) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                await self._apply(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("run list: live update failed")
+
+    async def _apply(self, event: realtime.RunEvent | None) -> None:
+        if event is None:  # events were lost: forget the mirror, re-read the counters
+            self.runs.clear()
+            self.seqs.clear()
+            self._counters_soon()
+            return
+        if event.kind != "run":
+            return
+        run = await self._run_as_of(event)
+        if run is None:  # deleted, or another database's run on a shared Redis
+            return
+        run.__dict__.pop("_dex_rendered", None)  # rendered for the previous event
+        for socket in list(self.sockets):
+            for html in socket.place(run):
+                stats.frames += 1
+                await _quietly(socket.send(text_data=html))
+        self._counters_soon()
+
+    async def _run_as_of(self, event: realtime.RunEvent) -> Any:
+        run = self.runs.get(event.run_id)
+        last = self.seqs.get(event.run_id)
+        self.seqs[event.run_id] = event.seq or 0
+        # The runs channel carries a run's run-level events only, so its numbers skip the step events: order
+        # is what can be checked (an older event than the mirror's is stale).
+        complete = all(name in event.data for name in self._COMPLETE)
+        if run is None or not complete or (last is not None and event.seq is not None and event.seq < last):
+            stats.snapshot_reads += 1
+            run = await shared_read(fragments.run_get_or_none, event.run_id)
+            if run is None:
+                self.runs.pop(event.run_id, None)
+                return None
+            self.runs[event.run_id] = run
+            while len(self.runs) > self.MIRROR_LIMIT:  # the oldest-read runs first
+                self.runs.pop(next(iter(self.runs)))
+            return run
+        data = event.data
+        run.status = data.get("status", run.status)
+        run.status_reason = ""  # a worker's event: the claim cleared it
+        for name in ("started_at", "finished_at"):
+            if name in data:
+                setattr(run, name, _ts(data[name]))
+        if data.get("cost_usd") is not None:
+            with contextlib.suppress(InvalidOperation):
+                run.cost_usd = Decimal(str(data["cost_usd"]))
+        return run
+
+    def _counters_soon(self) -> None:
+        if self._counters_task is not None and not self._counters_task.done():
+            return  # already due: it will read the counts after this change too
+        delay = max(0.0, self._counters_read + self.COUNTERS_INTERVAL - asyncio.get_running_loop().time())
+        self._counters_task = asyncio.ensure_future(self._send_counters(delay))
+
+    async def _read_counters(self) -> None:
+        stats.snapshot_reads += 1
+        counters = await database_sync_to_async(fragments.run_list_counters)()
+        self._counters_read = asyncio.get_running_loop().time()
+        stats.renders += 1
+        self._counters_html = fragments.render_run_counters(counters)
+
+    async def _send_counters(self, delay: float) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        await self._read_counters()
+        for socket in list(self.sockets):
+            stats.frames += 1
+            await _quietly(socket.send(text_data=self._counters_html))
+
+
+_list_hubs: dict[asyncio.AbstractEventLoop, RunListHub] = {}
+
+
+def run_list_hub() -> RunListHub:
+    loop = asyncio.get_running_loop()
+    hub = _list_hubs.get(loop)
+    if hub is None:
+        hub = _list_hubs[loop] = RunListHub()
+    return hub
+
+
+class SharedReads:
+    """Single-flight reads for this process: every socket asking for (what, *args) while the same read is in
+    flight awaits that read's result instead of running its own on channels' one database thread. Nothing
+    is kept after the read returns, so a later event always reads afresh."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
+
+    async def get(self, fn: Any, *args: Any) -> Any:
+        key = (fn, *args)
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(database_sync_to_async(fn)(*args))
+            self._inflight[key] = future
+            future.add_done_callback(lambda done: self._forget(key, done))
+        # shield: one socket going away mid-read must not cancel the read the others are waiting on.
+        return await asyncio.shield(future)
+
+    def _forget(self, key: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+        if self._inflight.get(key) is done:
+            del self._inflight[key]
+
+
+_shared_reads = SharedReads()
+
+
+async def shared_read(fn: Any, *args: Any) -> Any:
+    return await _shared_reads.get(fn, *args)

@@ -335,6 +335,46 @@ def test_sockets_watching_one_run_cost_one_snapshot_and_one_render_per_event_not
         async_to_sync(scenario)()
 
 
+def test_run_list_sockets_share_one_subscription_one_read_of_the_counters_and_no_read_for_a_workers_event(
+    cookie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub.RunListHub, "COUNTERS_INTERVAL", 600.0)  # the counters' re-read is not at issue
+    run = make_run(status=RunStatus.QUEUED)
+    queries: list[str] = []
+
+    def counted(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    async def scenario() -> None:
+        comms = [socket("/ws/runs/", cookie=cookie) for _ in range(8)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                await receive_until(comm, lambda m: f'id="run-{run.pk}"' in m)  # its snapshot
+            await asyncio.gather(*(receive_until(comm, lambda m: "run-counters" in m) for comm in comms))
+            assert realtime.subscriber().subscribers(realtime.runs_channel()) == 1
+            hub.stats.reset()
+            queries.clear()
+            # What a worker publishes when it claims the run: everything the row shows.
+            now = timezone.now().isoformat()
+            data = {"started_at": now, "code_version": "v1", "cost_usd": "0", "steps_completed": 0}
+            realtime.publish_now(realtime.run_changed(run.pk, RunStatus.RUNNING, **data), to_runs_list=True)
+            rows = await asyncio.gather(
+                *(receive_until(comm, lambda m: f'id="run-{run.pk}"' in m and "status-running" in m) for comm in comms)
+            )
+            assert len(set(rows)) == 1  # one rendering, the same frame for every socket
+            assert hub.stats.snapshot_reads == 0
+            assert queries == []
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    with connection.execute_wrapper(counted):
+        async_to_sync(scenario)()
+
+
 def _skip_an_event(run: Run) -> None:
     import redis
     from django.conf import settings
