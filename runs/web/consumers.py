@@ -62,9 +62,42 @@ class CappedConsumer(AsyncWebsocketConsumer):
         if size > settings.DEX_MAX_WS_MESSAGE_BYTES:
             limit = settings.DEX_MAX_WS_MESSAGE_BYTES
             log.warning("closing a websocket that sent a %d-byte frame (limit %d)", size, limit)
-            await self.close(code=CLOSE_TOO_BIG)
+            try:
+                await self.close(code=CLOSE_TOO_BIG)
+            except Exception as exc:  # a server that refuses the code: close anyway, without a traceback
+                log.warning("the server refused close code %d (%s); closing with 1000", CLOSE_TOO_BIG, exc)
+                await self.close()
             return
         await super().websocket_receive(message)
+
+
+def _let_daphne_send_rfc_close_codes() -> None:
+    """daphne closes a socket through autobahn's `sendClose`, which takes only 1000 and 3000-4999 from an
+    application and raises on 1009, though RFC 6455 (7.4.1) has an endpoint send 1009 for a message too big to
+    process: the close became a traceback and a 1011. For the RFC's own codes, daphne's `serverClose` sends
+    the close frame with autobahn's `sendCloseFrame`, the frame writer `sendClose` ends in. Pinned by
+    tests/integration/test_realtime.py (a real daphne), so an upgrade that moves these names fails a test."""
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # served by another ASGI server: it passes the code on itself
+        return
+    if getattr(WebSocketProtocol, "_dex_rfc_close_codes", False) or not hasattr(WebSocketProtocol, "sendCloseFrame"):
+        return
+    server_close = WebSocketProtocol.serverClose
+
+    def serverClose(self: Any, code: int | None = None) -> None:  # noqa: N802 (daphne's name)
+        if code in _RFC_CLOSE_CODES:
+            self.sendCloseFrame(code=code, isReply=False)
+        else:
+            server_close(self, code=code)
+
+    WebSocketProtocol.serverClose = serverClose
+    WebSocketProtocol._dex_rfc_close_codes = True
+
+
+# Codes an endpoint may send (RFC 6455 7.4.1) that autobahn's sendClose refuses: policy, too big, internal.
+_RFC_CLOSE_CODES = {1008, 1009, 1011}
+_let_daphne_send_rfc_close_codes()
 
 
 class RunListConsumer(CappedConsumer):

@@ -4,6 +4,7 @@ events going worker → Redis → daphne → a real websocket (or SSE) client, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
@@ -20,6 +21,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from redis import Redis
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from runs import services
 from runs.models import ApiKey, Run, RunStatus
@@ -46,11 +48,12 @@ class Daphne:
         return f"ws://127.0.0.1:{self.port}{path}"
 
 
-@pytest.fixture
-def daphne(dex_env: dict[str, str], tmp_path: Path) -> Iterator[Daphne]:
+@pytest.fixture(scope="module")
+def daphne(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daphne]:
+    """One daphne for the module (a start costs seconds); each test watches its own runs."""
     port = free_port()
     args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "dexweb.asgi:application"]
-    proc = Proc("daphne", args, dex_env, tmp_path).start()
+    proc = Proc("daphne", args, dex_env, tmp_path_factory.mktemp("daphne")).start()
     try:
         proc.wait_for_log("Listening on TCP address")
         yield Daphne(proc, port)
@@ -164,6 +167,26 @@ def test_clients_that_go_away_leave_the_runs_channel(daphne: Daphne, dex_env: di
 
     async_to_sync(watch_and_leave)()
     wait_for(lambda: listeners() == 0, timeout=15, what="the websocket's hub to leave the channel")
+
+
+def test_an_oversized_frame_closes_the_socket_with_1009_and_no_traceback(daphne: Daphne, session_cookie: str):
+    """Over Dex's cap (DEX_MAX_WS_MESSAGE_BYTES, 64 KiB) the consumer closes with 1009 ("message too big") and
+    the server logs no traceback. (Over daphne's own cap, 1 MiB, autobahn drops the connection: 1006.)"""
+    headers = {"Cookie": session_cookie}
+
+    async def close_code(size: int) -> int | None:
+        async with connect(
+            daphne.ws_url("/ws/runs/"), origin=daphne.origin, additional_headers=headers, max_size=None
+        ) as ws:
+            await asyncio.wait_for(ws.recv(), 10)  # the snapshot
+            await ws.send("x" * size)
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code
+
+    assert async_to_sync(close_code)(100 * 1024) == 1009
+    assert "Traceback" not in daphne.proc.log()
 
 
 def read_event(response: http.client.HTTPResponse) -> tuple[str, Any]:
