@@ -202,12 +202,16 @@ class RunHub:
         self._snapshot_html: dict[bool, str] = {}
         # Events that came before the first snapshot was read: applied after it (the old order of things).
         self._early: list[realtime.RunEvent] = []
+        self._subscribed = asyncio.Event()
 
     async def join(self, socket: Socket, *, can_operate: bool) -> None:
         self.sockets[socket] = can_operate
         if self.task is None:
             self.task = asyncio.ensure_future(self._loop())
             await realtime.subscriber().subscribe(self.channel, self._on_event)
+            # Only now may a snapshot be read (by the loop, for this or a socket that joined meanwhile):
+            # read before the subscription, it could miss an event published in between.
+            self._subscribed.set()
         self.queue.put_nowait(("join", socket))
 
     async def leave(self, socket: Socket) -> None:
@@ -223,6 +227,7 @@ class RunHub:
         self.queue.put_nowait(("event", event))
 
     async def _loop(self) -> None:
+        await self._subscribed.wait()
         while True:
             what, item = await self.queue.get()
             try:
@@ -433,12 +438,16 @@ class RunListHub:
         self._counters_html: str | None = None
         self._counters_task: asyncio.Task[None] | None = None
         self._counters_read = 0.0
+        self._subscribed = asyncio.Event()
 
     async def join(self, socket: ListSocket) -> None:
+        """Returns once the hub is subscribed: the socket's snapshot is to be read after that."""
         self.sockets.add(socket)
         if self.task is None:
             self.task = asyncio.ensure_future(self._loop())
             await realtime.subscriber().subscribe(self.channel, self.queue.put_nowait)
+            self._subscribed.set()
+        await self._subscribed.wait()
 
     async def greet(self, socket: ListSocket, runs: list[Any]) -> None:
         """After the socket's snapshot (`runs`, read on connect, which join the mirror): the counters."""
