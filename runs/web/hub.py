@@ -40,6 +40,9 @@ _PARKS_WITH_DETAILS = {StepKind.EVENT, StepKind.APPROVAL, StepKind.INVOKE, StepK
 
 
 class Socket(Protocol):
+    async def base_send(self, message: dict[str, Any]) -> None:
+        """The ASGI send of a consumer's connection."""
+
     async def send(self, text_data: str | None = None, bytes_data: bytes | None = None, close: bool = False) -> None:
         """A websocket consumer's send."""
 
@@ -372,14 +375,22 @@ class RunHub:
         return fragments.render_tokens(dom_id, new)
 
     async def _write_to(self, sockets: list[Socket], frames: dict[Any, list[str]]) -> None:
-        shared = frames.get(None, [])
+        # One ASGI message per frame, handed to every socket's server-side send as it is (the consumer's own
+        # send() only wraps text in this same message, a few coroutine layers per socket per frame).
+        messages = {
+            variant: [{"type": "websocket.send", "text": html} for html in htmls] for variant, htmls in frames.items()
+        }
+        shared = messages.get(None, [])
         for socket in sockets:
             variant = self.sockets.get(socket)
             if variant is None:
                 continue
-            for html in frames.get(variant, shared):
+            for message in messages.get(variant, shared):
                 stats.frames += 1
-                await _quietly(socket.send(text_data=html))
+                try:
+                    await socket.base_send(message)
+                except Exception:  # a socket that went away mid-write: its disconnect removes it from the hub
+                    log.debug("a live update could not be written", exc_info=True)
 
 
 async def _quietly(awaitable: Any) -> None:
