@@ -8,8 +8,10 @@ every socket watching the run. Postgres is read only for a snapshot:
 
 - when the hub starts (its first socket); later sockets get the snapshot rendered from the mirror;
 - when the event sequence has a hole (`seq` isn't the last one + 1) or the Redis connection was re-made;
-- when the run ends (the end-of-run repaint, read and rendered once per process, not once per socket), and
-  when it parks on something the events don't describe (a waitpoint or child runs shown in its header).
+- when the run ends (the end-of-run repaint, read and rendered once per process, not once per socket),
+  when it parks on something the events don't describe (a waitpoint or child runs shown in its header), and
+  when its status changes while a child run its header lists is unfinished (children publish on their own
+  channels).
 
 The mirror's dom ids (which row id each step has on the clients) are shared by all sockets: they all got the
 same snapshot and the same frames in the same order, so one bookkeeping serves them all.
@@ -88,6 +90,11 @@ class Mirror:
         self.context["timeline"] = fragments.Timeline.of(self.run, self.steps)
         self.context["metadata"] = sorted(self.metadata.items())
         return {**self.context, "can_operate": can_operate}
+
+    def children_may_have_changed(self) -> bool:
+        """The header lists the run's first children with their status, which travel on the children's own
+        channels: while one of them is unfinished, a change of the parent's status re-reads them."""
+        return any(child.get("status") not in TERMINAL_STATUSES for child in getattr(self.run, "children_links", []))
 
     # -- applying events -------------------------------------------------------------------------------------
     def apply_run(self, data: dict[str, Any]) -> None:
@@ -206,6 +213,9 @@ class RunHub:
         # Events that came before the first snapshot was read: applied after it (the old order of things).
         self._early: list[realtime.RunEvent] = []
         self._subscribed = asyncio.Event()
+        self.greeted: set[Socket] = set()
+        # Fragments rendered for events not yet written (see _loop).
+        self._pending: list[dict[bool | None, list[str]]] = []
 
     async def join(self, socket: Socket, *, can_operate: bool) -> None:
         self.sockets[socket] = can_operate
@@ -219,6 +229,7 @@ class RunHub:
 
     async def leave(self, socket: Socket) -> None:
         self.sockets.pop(socket, None)
+        self.greeted.discard(socket)
         if self.sockets or _hubs.get(self.run_id) is not self:
             return
         del _hubs[self.run_id]
@@ -232,18 +243,32 @@ class RunHub:
     async def _loop(self) -> None:
         await self._subscribed.wait()
         while True:
-            what, item = await self.queue.get()
+            await self._handle(await self.queue.get())
+            # What queued up while the sockets were being written to goes out together: each socket gets one
+            # frame per variant holding every fragment (htmx swaps each out-of-band element of a message), so
+            # a slow fan-out (many sockets) catches up instead of falling further behind.
+            while not self.queue.empty():
+                await self._handle(self.queue.get_nowait())
             try:
-                if what == "join":
-                    await self._greet(item)
-                elif item is None:  # the subscription was re-made: events may be lost
-                    await self._resnapshot()
-                else:
-                    await self._apply(item)
+                await self._flush()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("run %s: live update failed", self.run_id)
+
+    async def _handle(self, queued: tuple[str, Any]) -> None:
+        what, item = queued
+        try:
+            if what == "join":
+                await self._greet(item)
+            elif item is None:  # the subscription was re-made: events may be lost
+                await self._resnapshot()
+            else:
+                await self._apply(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run %s: live update failed", self.run_id)
 
     async def _read(self) -> bool:
         stats.snapshot_reads += 1
@@ -273,16 +298,20 @@ class RunHub:
             return
         if self.mirror is None and not await self._read():
             return
+        await self._flush()  # the others get what the mirror has and they haven't, before it moves on
         await self._write_to([socket], {self.sockets[socket]: [self._snapshot_for(self.sockets[socket])]})
+        self.greeted.add(socket)
         early, self._early = self._early, []
         for event in early:
             await self._apply(event)
 
     async def _resnapshot(self) -> None:
+        await self._flush()  # what came before the snapshot goes first
         if not await self._read():
             return
         frames = {variant: [self._snapshot_for(variant)] for variant in set(self.sockets.values())}
         await self._write_to(list(self.sockets), frames)
+        self.greeted.update(self.sockets)
 
     async def _apply(self, event: realtime.RunEvent) -> None:
         if self.mirror is None:
@@ -301,8 +330,10 @@ class RunHub:
         data = event.data
         frames: dict[bool | None, list[str]] = {}
         if event.kind == "run":
-            if data.get("status") in TERMINAL_STATUSES or (
-                data.get("status") == "waiting" and mirror.last_step_kind in _PARKS_WITH_DETAILS
+            if (
+                data.get("status") in TERMINAL_STATUSES
+                or (data.get("status") == "waiting" and mirror.last_step_kind in _PARKS_WITH_DETAILS)
+                or mirror.children_may_have_changed()
             ):
                 # The run's last write stored every line and step: repaint every region from Postgres once.
                 last = self.last_seq
@@ -316,6 +347,8 @@ class RunHub:
         elif event.kind == "step" and data.get("key"):
             step = mirror.apply_step(data)
             oob = mirror.step_oob(step)
+            if mirror.context["timeline"].start is None:  # the run had not started at the snapshot
+                mirror.context["timeline"] = fragments.Timeline.of(mirror.run, mirror.steps)
             timeline = mirror.context["timeline"].extended_to_now()
             for variant in set(self.sockets.values()):
                 stats.renders += 1
@@ -334,7 +367,7 @@ class RunHub:
             if html:
                 frames[None] = [html]
         if frames:
-            await self._write_to(list(self.sockets), frames)
+            self._pending.append(frames)
 
     async def _token(self, data: dict[str, Any]) -> str | None:
         assert self.mirror is not None
@@ -373,6 +406,18 @@ class RunHub:
         tokens[key] = tokens.get(key, "") + new
         stats.renders += 1
         return fragments.render_tokens(dom_id, new)
+
+    async def _flush(self) -> None:
+        """Write the fragments of the events applied since the last write: one frame per variant."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        joined: dict[Any, list[str]] = {}
+        for variant in set(self.sockets.values()):
+            joined[variant] = [
+                "".join(html for frames in pending for html in frames.get(variant, frames.get(None, [])))
+            ]
+        await self._write_to(list(self.sockets), joined)
 
     async def _write_to(self, sockets: list[Socket], frames: dict[Any, list[str]]) -> None:
         # One ASGI message per frame, handed to every socket's server-side send as it is (the consumer's own
