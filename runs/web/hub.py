@@ -246,7 +246,10 @@ class RunHub:
             await self._handle(await self.queue.get())
             # What queued up while the sockets were being written to goes out together: each socket gets one
             # frame per variant holding every fragment (htmx swaps each out-of-band element of a message), so
-            # a slow fan-out (many sockets) catches up instead of falling further behind.
+            # a slow fan-out (many sockets) catches up instead of falling further behind. One turn of the loop
+            # first lets the subscriber hand over what Redis sent in the same read (a worker publishes a step's
+            # end and the next one's start together).
+            await asyncio.sleep(0)
             while not self.queue.empty():
                 await self._handle(self.queue.get_nowait())
             try:
