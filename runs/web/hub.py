@@ -107,6 +107,8 @@ class Mirror:
                 setattr(run, name, _ts(data[name]))
         if "error" in data:
             run.error = data["error"]
+        if "output" in data:
+            run.output = data["output"]
         if data.get("cost_usd") is not None:
             with contextlib.suppress(InvalidOperation):
                 run.cost_usd = Decimal(str(data["cost_usd"]))
@@ -335,6 +337,8 @@ class RunHub:
         if event.kind == "run":
             if (
                 data.get("status") in TERMINAL_STATUSES
+                # Reopened (a retry): its steps' statuses changed in Postgres without events of their own.
+                or (mirror.run.status in TERMINAL_STATUSES and data.get("status") not in TERMINAL_STATUSES)
                 or (data.get("status") == "waiting" and mirror.last_step_kind in _PARKS_WITH_DETAILS)
                 or mirror.children_may_have_changed()
             ):

@@ -355,6 +355,41 @@ def test_sockets_watching_one_run_cost_one_snapshot_and_one_render_per_event_not
         async_to_sync(scenario)()
 
 
+def test_a_lost_redis_connection_is_re_made_and_every_socket_repaired_from_one_snapshot(cookie: str) -> None:
+    run = make_run()
+    make_step(run, "s1", 0)
+
+    async def scenario() -> None:
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=cookie) for _ in range(3)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+            hub.stats.reset()
+            # Redis drops the process's pub/sub connection (a restart, a network blip): events meanwhile are gone.
+            await sync_to_async(_kill_pubsub_connections)()
+            for comm in comms:
+                await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)  # a fresh snapshot
+            assert hub.stats.snapshot_reads == 1
+            # ...and the channel was subscribed again: events flow as before.
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "after", "value": 1}))
+            for comm in comms:
+                await receive_until(comm, lambda m: "after" in m)
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def _kill_pubsub_connections() -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.REDIS_URL).client_kill_filter(_type="pubsub")
+
+
 def test_run_list_sockets_share_one_subscription_one_read_of_the_counters_and_no_read_for_a_workers_event(
     cookie: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
