@@ -4,8 +4,9 @@ The same stream the dashboard gets, as JSON: first `event: snapshot` (the run's 
 after subscribing to the run's channel, so nothing falls between the two), then each runs.realtime.RunEvent
 of the run as `event: <kind>` (run, step, log, metadata, token) with `id: <seq>`, its number in the run's
 sequence. A comment line every HEARTBEAT_SECONDS keeps proxies
-from closing an idle stream; the stream ends after the run's terminal status. The channel layer is
-at-most-once, so each heartbeat also checks Postgres and ends a stream whose final event was lost.
+from closing an idle stream; the stream ends after the run's terminal status. Pub/sub is at-most-once, so each
+heartbeat also checks Postgres and ends a stream whose final event was lost, and a hole in the sequence (or a
+re-made Redis connection) sends a fresh `snapshot` before the events go on.
 
 Authentication is the API's: `Authorization: Bearer <api key>`, errors as `{"error": {"code", "message"}}`.
 """
@@ -115,12 +116,28 @@ async def run_events(run_id: UUID) -> AsyncIterator[str]:
         yield _sse("snapshot", snapshot)
         if snapshot["run"]["status"] in TERMINAL_STATUSES:
             return
+        last_seq: int | None = None
         while True:
             try:
                 event = await asyncio.wait_for(events.get(), timeout=HEARTBEAT_SECONDS)
             except TimeoutError:
                 event = None
-            if event is None:  # quiet for a while, or events were lost: ask Postgres whether the run ended
+            else:
+                lost = event is None or (event.seq is not None and last_seq is not None and event.seq != last_seq + 1)
+                if event is not None:
+                    last_seq = event.seq
+                if lost:
+                    # A hole in the run's sequence, or the Redis connection was re-made: the client gets the
+                    # run as it is now, then the events go on.
+                    snapshot = await database_sync_to_async(_snapshot)(run_id)
+                    if snapshot is None:
+                        return
+                    yield _sse("snapshot", snapshot)
+                    if snapshot["run"]["status"] in TERMINAL_STATUSES:
+                        return
+                    if event is None:
+                        continue
+            if event is None:  # quiet for a while: ask Postgres whether the run ended (its last event was lost)
                 status = await database_sync_to_async(_run_status)(run_id)
                 if status is None:
                     return

@@ -608,6 +608,31 @@ def test_the_stream_sends_a_snapshot_then_the_runs_events_until_it_finishes(secr
     async_to_sync(scenario)()
 
 
+def test_the_stream_numbers_its_events_and_sends_a_snapshot_after_a_lost_one(secret: str) -> None:
+    run = make_run()
+
+    async def scenario() -> None:
+        response = await stream_request(secret, run.pk)
+        stream = aiter(response.streaming_content)
+        try:
+            assert (await next_event(stream))[0] == "snapshot"
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "a", "value": 1}))
+            first = (await asyncio.wait_for(anext(stream), 10)).decode()
+            assert first.startswith("id: 1\nevent: metadata\n")
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "b", "value": 2}))
+            assert (await asyncio.wait_for(anext(stream), 10)).decode().startswith("id: 2\n")
+
+            await sync_to_async(_skip_an_event)(run)  # event 3 was lost on the way
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "d", "value": 4}))
+            kind, data = await next_event(stream)
+            assert kind == "snapshot" and data["run"]["id"] == str(run.pk)
+            assert (await asyncio.wait_for(anext(stream), 10)).decode().startswith("id: 4\nevent: metadata\n")
+        finally:
+            await stream.aclose()
+
+    async_to_sync(scenario)()
+
+
 def test_the_stream_beats_and_ends_when_postgres_says_the_run_finished(secret: str, monkeypatch) -> None:
     """The channel layer is at-most-once: a lost final event must not leave the stream open forever."""
     monkeypatch.setattr(sse, "HEARTBEAT_SECONDS", 0.2)
