@@ -116,7 +116,8 @@ class Mirror:
             run.cancel_requested_at = timezone.now()
         if run.status != "waiting":
             run.pending_waits = []
-            run.wake_at = data.get("wake_at") and _ts(data["wake_at"])
+        if run.status not in ("waiting", "delayed"):
+            run.wake_at = None
         run.version = None  # the page's version guard compares reads; a push from the mirror is newest
 
     def apply_step(self, data: dict[str, Any]) -> Any:
