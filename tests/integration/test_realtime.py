@@ -84,24 +84,30 @@ def test_it_pushes_every_step_of_a_run_to_its_page_as_the_worker_executes_it(
     assert page.status == 200
     assert f'ws-connect="/ws/runs/{run.pk}/"' in page.read().decode()
 
-    async def scenario() -> tuple[list[str], list[str]]:
+    async def scenario() -> tuple[list[list[str]], list[str]]:
         headers = {"Cookie": session_cookie}
+        page_url = daphne.ws_url(f"/ws/runs/{run.pk}/")
         async with (
-            connect(daphne.ws_url(f"/ws/runs/{run.pk}/"), origin=daphne.origin, additional_headers=headers) as page,
+            # Three tabs on the run: daphne's hub for the run writes every frame to each of them.
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page1,
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page2,
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page3,
             connect(daphne.ws_url("/ws/runs/"), origin=daphne.origin, additional_headers=headers) as listing,
         ):
-            page_messages = [await asyncio.wait_for(page.recv(), 10)]
+            pages = [page1, page2, page3]
+            page_messages = [[await asyncio.wait_for(page.recv(), 10)] for page in pages]
             list_messages = [await asyncio.wait_for(listing.recv(), 10)]
-            assert f'id="run-{run.pk}-steps"' in page_messages[0]
+            assert all(f'id="run-{run.pk}-steps"' in messages[0] for messages in page_messages)
             assert f'id="run-{run.pk}"' in list_messages[0]
 
-            # Only now does a worker exist to execute the run: every step happens while the page watches.
+            # Only now does a worker exist to execute the run: every step happens while the pages watch.
             await asyncio.to_thread(processes.worker)
 
             finished = f'id="run-{run.pk}-header" class="card run-header" hx-swap-oob="true"'
             deadline = time.monotonic() + 60
-            while not any(finished in m and "status-completed" in m for m in page_messages[1:]):
-                page_messages.append(await asyncio.wait_for(page.recv(), max(0.1, deadline - time.monotonic())))
+            for page, messages in zip(pages, page_messages, strict=True):
+                while not any(finished in m and "status-completed" in m for m in messages[1:]):
+                    messages.append(await asyncio.wait_for(page.recv(), max(0.1, deadline - time.monotonic())))
             while not any(f'id="run-{run.pk}"' in m and "status-completed" in m for m in list_messages[1:]):
                 list_messages.append(await asyncio.wait_for(listing.recv(), max(0.1, deadline - time.monotonic())))
             return page_messages, list_messages
@@ -112,11 +118,14 @@ def test_it_pushes_every_step_of_a_run_to_its_page_as_the_worker_executes_it(
     assert run.status == RunStatus.COMPLETED
     steps = {step.key: step.pk for step in run.steps.all()}
     assert sorted(steps, key=lambda key: int(key[1:])) == STEPS
-    # Pushed one by one, not just repainted at the end: each step's own fragment arrived.
-    pushes = [m for m in page_messages[1:] if f'id="run-{run.pk}-header"' not in m]
-    for key, pk in steps.items():
-        assert any(f'id="step-{pk}"' in m and "status-completed" in m for m in pushes), f"no live fragment for {key}"
-    assert any("step-pending-" in m and "status-running" in m for m in pushes)
+    for messages in page_messages:
+        # Pushed as they happened, not just repainted at the end (the repaint holds the whole step list).
+        pushes = [m for m in messages[1:] if f'id="run-{run.pk}-steps"' not in m]
+        for key, pk in steps.items():
+            assert any(f'id="step-{pk}"' in m and "status-completed" in m for m in pushes), (
+                f"no live fragment for {key}"
+            )
+        assert any("step-pending-" in m and "status-running" in m for m in pushes)
     assert any("status-running" in m for m in list_messages[1:])
 
 
