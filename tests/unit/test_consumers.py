@@ -383,6 +383,38 @@ def test_a_lost_redis_connection_is_re_made_and_every_socket_repaired_from_one_s
     async_to_sync(scenario)()
 
 
+def test_a_retried_run_is_read_again_once_for_its_watchers(cookie: str) -> None:
+    """A retry reopens a failed run and resets its failed steps in Postgres, which no step event describes:
+    the hub re-reads the run (once for all its sockets) when a finished run becomes live again."""
+    run = make_run(status=RunStatus.FAILED, error={"type": "ValueError", "message": "first try broke"})
+    make_step(run, "s1", 0, status=StepStatus.FAILED, output=None, error={"type": "ValueError", "message": "x"})
+
+    async def scenario() -> None:
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=cookie) for _ in range(2)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                assert "first try broke" in await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+            hub.stats.reset()
+            await sync_to_async(services_retry)(run)
+            for comm in comms:
+                html = await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+                assert "status-queued" in html and "first try broke" not in html and "step-retrying" in html
+            assert hub.stats.snapshot_reads == 1
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def services_retry(run: Run) -> None:
+    from runs.engine import run_retry_from_failed_step
+
+    assert run_retry_from_failed_step(run.pk)
+
+
 def _kill_pubsub_connections() -> None:
     import redis
     from django.conf import settings
