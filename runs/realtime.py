@@ -287,6 +287,15 @@ class Subscriber:
             with contextlib.suppress(ConnectionError, OSError, redis_errors()):
                 await self._pubsub.unsubscribe(channel)
 
+    async def current_seq(self, run_id: Any) -> int | None:
+        """The number of the run's last published event (None if unknown: none yet, expired, Redis down)."""
+        await self._connect()
+        try:
+            value = await self._redis.get(_seq_key(run_id, channel_prefix()))
+        except (ConnectionError, OSError, redis_errors()):
+            return None
+        return int(value) if value is not None else None
+
     async def _connect(self) -> None:
         if self._pubsub is None:
             import redis.asyncio

@@ -278,9 +278,11 @@ class RunHub:
 
     async def _read(self) -> bool:
         stats.snapshot_reads += 1
+        # The run's event number before the read (we are subscribed): every later event must come, in order.
+        baseline = await realtime.subscriber().current_seq(self.run_id)
         context = await database_sync_to_async(fragments.run_detail_context)(self.run_id)
         self._snapshot_html.clear()
-        self.last_seq = None
+        self.last_seq = baseline
         if context is None:  # the run was deleted
             for socket in list(self.sockets):
                 await _quietly(socket.close())
@@ -323,14 +325,18 @@ class RunHub:
         if self.mirror is None:
             self._early.append(event)
             return
-        if event.seq is not None:
+        if event.seq is not None and self.last_seq is not None and event.seq <= self.last_seq:
+            # Published before the snapshot's read: its commit is in the snapshot, but what it announced without
+            # a commit (a step starting, a log line, tokens) may not be: applied, the sequence left as it is.
+            pass
+        elif event.seq is not None:
             if self.last_seq is not None and event.seq != self.last_seq + 1:
                 log.info("run %s: events %s..%s lost; reading a snapshot", self.run_id, self.last_seq, event.seq)
-                await self._resnapshot()
-                self.last_seq = event.seq
+                await self._resnapshot()  # its baseline is at least this event's number
                 if event.kind not in ("step", "token", "metadata"):
                     return
-            self.last_seq = event.seq
+            else:
+                self.last_seq = event.seq
         self._snapshot_html.clear()
         mirror = self.mirror
         data = event.data
@@ -344,9 +350,7 @@ class RunHub:
                 or mirror.children_may_have_changed()
             ):
                 # The run's last write stored every line and step: repaint every region from Postgres once.
-                last = self.last_seq
                 await self._resnapshot()
-                self.last_seq = last
                 return
             mirror.apply_run(data)
             for variant in set(self.sockets.values()):
