@@ -3,7 +3,8 @@
 Real parts: the bench starts daphne (dexweb.asgi, its own port), a Celery worker, and CLIENT_PROCESSES processes
 of websocket clients (bench/ws_clients.py, the `websockets` library), none of them the server's or the bench's
 own process; the clients of a round are spread evenly over them. Each client is logged in with a session cookie
-and watches the run's page socket `/ws/runs/<id>/` (runs/web/consumers.py).
+and watches the run's page socket `/ws/runs/<id>/` (runs/web/consumers.py; the run's hub in daphne,
+runs/web/hub.py, renders each event once and writes the frame to every socket).
 
 The run is `bench-paced` (bench/scenario_agents.py): 10 no-op steps PAUSE apart, so each push is measured on
 its own rather than queued behind the previous step's. Per round the run is created, the clients connect and
@@ -198,10 +199,11 @@ def run(env: BenchEnv) -> dict:
             },
             "seconds": time.monotonic() - started,
             "missed_because": (
-                "each daphne consumer watching a run reads the step and renders its own fragment per event (one "
-                "read and one rendering are shared per process, single-flight), then its frame is sent from "
-                "daphne's one event loop, one socket after another; events that carry what changed, rendered "
-                "once per process, are issue 14's realtime half."
+                "per daphne process one hub per run renders each event once per variant from its mirror (no "
+                "query) and writes the same frame to every socket, but the writes go one socket after another "
+                "through daphne/autobahn's Python framing on one event loop, on 2 cores shared with the client "
+                "processes; events that queue up meanwhile go out as one frame. Several daphne processes behind "
+                "a proxy spread the watchers."
             ),
             "method": (
                 "commit = worker's wall clock read first thing in runs.realtime.publish_now, which the engine "

@@ -1,10 +1,12 @@
 """`GET /api/runs/{id}/stream`: one run's events as server-sent events, for frontends that aren't ours.
 
 The same stream the dashboard gets, as JSON: first `event: snapshot` (the run's status and its steps, read
-after joining the run's group, so nothing falls between the two), then each runs.realtime.RunEvent of the run
-as `event: <kind>` (run, step, log, metadata, token). A comment line every HEARTBEAT_SECONDS keeps proxies
-from closing an idle stream; the stream ends after the run's terminal status. The channel layer is
-at-most-once, so each heartbeat also checks Postgres and ends a stream whose final event was lost.
+after subscribing to the run's channel, so nothing falls between the two), then each runs.realtime.RunEvent
+of the run as `event: <kind>` (run, step, log, metadata, token) with `id: <seq>`, its number in the run's
+sequence. A comment line every HEARTBEAT_SECONDS keeps proxies
+from closing an idle stream; the stream ends after the run's terminal status. Pub/sub is at-most-once, so each
+heartbeat also checks Postgres and ends a stream whose final event was lost, and a hole in the sequence (or a
+re-made Redis connection) sends a fresh `snapshot` before the events go on.
 
 Authentication is the API's: `Authorization: Bearer <api key>`, errors as `{"error": {"code", "message"}}`.
 """
@@ -12,14 +14,12 @@ Authentication is the API's: `Authorization: Bearer <api key>`, errors as `{"err
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
@@ -77,9 +77,11 @@ def _run_status(run_id: UUID) -> str | None:
     return Run.objects.filter(pk=run_id).values_list("status", flat=True).first()
 
 
-def _sse(event: str, data: Any) -> str:
-    # json.dumps never emits a raw newline, so `data` is always a single line.
-    return f"event: {event}\ndata: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
+def _sse(event: str, data: Any, *, seq: int | None = None) -> str:
+    # json.dumps never emits a raw newline, so `data` is always a single line. `id:` is the event's number in
+    # its run's sequence (runs.realtime), so a client can tell it missed one.
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
 
 
 @require_GET
@@ -101,24 +103,41 @@ async def run_stream(request: HttpRequest, run_id: UUID) -> HttpResponse:
 
 async def run_events(run_id: UUID) -> AsyncIterator[str]:
     """The stream's body. Leaving it (run finished, client gone: Django cancels a streaming response whose
-    client disconnected) removes its channel from the group and unsubscribes it."""
-    layer = get_channel_layer()
-    group = realtime.run_group(run_id)
-    channel = await layer.new_channel()
-    # One receive() stays pending across heartbeats: cancelling it would unsubscribe the channel
-    # (channels_redis' pub/sub layer treats a cancelled receive as the consumer going away).
-    receiving = asyncio.ensure_future(layer.receive(channel))
+    client disconnected) unsubscribes it from the run's channel."""
+    channel = realtime.run_channel(run_id)
+    events: asyncio.Queue[realtime.RunEvent | None] = asyncio.Queue()
+    subscriber = realtime.subscriber()
+    # Subscribed before the snapshot's read, so nothing falls between the two.
+    await subscriber.subscribe(channel, events.put_nowait)
     try:
-        await layer.group_add(group, channel)
         snapshot = await database_sync_to_async(_snapshot)(run_id)
         if snapshot is None:
             return
         yield _sse("snapshot", snapshot)
         if snapshot["run"]["status"] in TERMINAL_STATUSES:
             return
+        last_seq: int | None = None
         while True:
-            done, _ = await asyncio.wait({receiving}, timeout=HEARTBEAT_SECONDS)
-            if not done:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=HEARTBEAT_SECONDS)
+            except TimeoutError:
+                event = None
+            else:
+                lost = event is None or (event.seq is not None and last_seq is not None and event.seq != last_seq + 1)
+                if event is not None:
+                    last_seq = event.seq
+                if lost:
+                    # A hole in the run's sequence, or the Redis connection was re-made: the client gets the
+                    # run as it is now, then the events go on.
+                    snapshot = await database_sync_to_async(_snapshot)(run_id)
+                    if snapshot is None:
+                        return
+                    yield _sse("snapshot", snapshot)
+                    if snapshot["run"]["status"] in TERMINAL_STATUSES:
+                        return
+                    if event is None:
+                        continue
+            if event is None:  # quiet for a while: ask Postgres whether the run ended (its last event was lost)
                 status = await database_sync_to_async(_run_status)(run_id)
                 if status is None:
                     return
@@ -127,16 +146,10 @@ async def run_events(run_id: UUID) -> AsyncIterator[str]:
                     return
                 yield ": heartbeat\n\n"
                 continue
-            message = receiving.result()
-            receiving = asyncio.ensure_future(layer.receive(channel))
-            event = message.get("event") if message.get("type") == "run.event" else None
-            if not event or event.get("run_id") != str(run_id):
+            if event.run_id != str(run_id):
                 continue
-            yield _sse(event["kind"], event.get("data") or {})
-            if event["kind"] == "run" and (event.get("data") or {}).get("status") in TERMINAL_STATUSES:
+            yield _sse(event.kind, event.data, seq=event.seq)
+            if event.kind == "run" and event.data.get("status") in TERMINAL_STATUSES:
                 return
     finally:
-        receiving.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await receiving
-        await layer.group_discard(group, channel)
+        await subscriber.unsubscribe(channel, events.put_nowait)

@@ -121,6 +121,8 @@ class RunContext(Pauses):
         # LLM spend of this run so far (recorded + this execution's), for budget caps and "saved" figures.
         self._cost_usd: Decimal = claim.cost_usd or Decimal(0)
         self._completed = sum(rec.status == StepStatus.COMPLETED for rec in steps)
+        # The id of the step row the last write stored: step events name the row by it (runs.realtime).
+        self._written_step_id: int | None = None
         # Undo actions of completed steps (compensate=), run newest-first if the run fails for good.
         self._compensations: list[tuple[str, Callable[..., Any], Any]] = []
         # ctx.patched answers, per patch id, for the rest of this execution.
@@ -367,6 +369,7 @@ class RunContext(Pauses):
             self._halt(LeaseLost())
         self._unwritten_saved = Decimal(0)
         self._cancel_requested = self._cancel_requested or written.cancel_requested
+        self._written_step_id = written.step_id
 
     def _step_failed(self, plan: StepPlan, exc: BaseException) -> Any:
         finished = now()
@@ -513,6 +516,8 @@ class RunContext(Pauses):
             preview = output_text[:OUTPUT_PREVIEW_CHARS] + ("…" if cut else "")
         return {
             "key": plan.key,
+            # The row's id once written (a running step has none yet; a park's event gets it in run_park).
+            "id": self._written_step_id if status == "completed" or status == "failed" else None,
             "seq": plan.seq,
             "kind": plan.kind,
             "status": status,

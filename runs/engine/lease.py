@@ -247,6 +247,8 @@ class Written:
     finished_at: datetime | None = None
     cost_usd: Decimal = Decimal(0)
     code_version: str = ""
+    # The id of the step row the statement wrote, if any.
+    step_id: int | None = None
 
 
 def fenced_write(
@@ -296,7 +298,8 @@ def fenced_write(
     if step is not None:
         sql += _STEP_CTE
         values.update(step)
-    written = "(SELECT count(*) FROM step)" if step is not None else "0"
+    # The step row's id (None if not written): the live views name the row by it (runs.realtime).
+    written = "(SELECT max(id) FROM step)" if step is not None else "NULL::bigint"
     sql += (
         f"\nSELECT cancel_requested_at IS NOT NULL, queue, priority, parent_id, {written}, concurrency_key_value,"
         " started_at, finished_at, cost_usd, code_version FROM lease"
@@ -310,7 +313,7 @@ def fenced_write(
         raise
     if row is None:
         return None
-    result = Written(bool(row[0]), row[1], row[2], row[3], bool(row[4]), *row[5:])
+    result = Written(bool(row[0]), row[1], row[2], row[3], row[4] is not None, *row[5:], step_id=row[4])
     if step is not None and not result.step_written:
         # The step is already completed under this very token: only a reused token could do that.
         return None

@@ -50,7 +50,9 @@ def run_settle(
     )
     if written is None:
         return None
-    realtime.publish_now(run_event(claim, written, status, steps_completed=steps_completed), to_runs_list=True)
+    realtime.publish_now(
+        run_event(claim, written, status, steps_completed=steps_completed, error=error), to_runs_list=True
+    )
     run_settled(claim.run_id, status)  # after the settle committed (alerts listen); never raises
     if written.concurrency_key is not None:
         release_slot(claim, written.concurrency_key)
@@ -117,8 +119,11 @@ def run_park(
         enqueue(claim.run_id, queue=written.queue, priority=written.priority)
     if written.concurrency_key is not None:
         release_slot(claim, written.concurrency_key)
+    event["id"] = written.step_id
     realtime.publish_now(realtime.RunEvent("step", str(claim.run_id), event))
-    realtime.publish_now(run_event(claim, written, status), to_runs_list=True)
+    realtime.publish_now(
+        run_event(claim, written, status, wake_at=wake_at.isoformat() if wake_at else None), to_runs_list=True
+    )
     return True
 
 

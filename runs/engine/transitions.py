@@ -44,11 +44,15 @@ def run_request_cancel(run_id: UUID | str) -> str | None:
         cur.execute(
             """UPDATE runs_run SET status = 'canceled', finished_at = now(), wake_at = NULL,
                           cancel_requested_at = now()
-                    WHERE id = %s AND status IN ('queued', 'delayed', 'waiting') RETURNING id, parent_id""",
+                    WHERE id = %s AND status IN ('queued', 'delayed', 'waiting') RETURNING finished_at""",
             [str(run_id)],
         )
-        if cur.fetchone():
-            realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.CANCELED), to_runs_list=True)
+        canceled = cur.fetchone()
+        if canceled:
+            event = realtime.run_changed(
+                run_id, RunStatus.CANCELED, finished_at=canceled[0].isoformat(), wake_at=None, cancel_requested=True
+            )
+            realtime.publish_on_commit(event, to_runs_list=True)
             return RunStatus.CANCELED
         cur.execute(
             """UPDATE runs_run SET cancel_requested_at = coalesce(cancel_requested_at, now())
@@ -103,7 +107,9 @@ def run_retry_from_failed_step(run_id: UUID | str) -> bool:
                 [str(run_id)],
             )
         enqueue_on_commit(run_id, queue=row[0], priority=row[1])
-        realtime.publish_on_commit(realtime.run_changed(run_id, RunStatus.QUEUED), to_runs_list=True)
+        # What the retry cleared, so a live page shows it without reading the run back.
+        event = realtime.run_changed(run_id, RunStatus.QUEUED, error=None, output=None, finished_at=None, wake_at=None)
+        realtime.publish_on_commit(event, to_runs_list=True)
     return True
 
 

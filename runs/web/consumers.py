@@ -1,19 +1,17 @@
-"""Websockets of the dashboard: `/ws/runs/` (group `runs`) and `/ws/runs/<id>/` (group `run.<id>`).
+"""Websockets of the dashboard: `/ws/runs/` (the run list) and `/ws/runs/<id>/` (one run's page).
 
-Each consumer authorises before accepting, joins its group *before* accepting (so no event between the
-snapshot's read and the join is missed), then sends the current snapshot: on every (re)connect the client is
-repaired from Postgres, because the channel layer is at-most-once. After that each `run.event` (a small
-runs.realtime.RunEvent) is turned into HTML fragments with `hx-swap-oob`, rendered from the database with the
-same partials as the pages (runs.web.fragments).
+Each consumer authorises before accepting, then gets the current snapshot: on every (re)connect the client is
+repaired from Postgres (or from its process's mirror of it), because pub/sub is at-most-once. Events come
+from runs.realtime's Redis channels through one subscription per process (runs.realtime.Subscriber), not
+through the channel layer: a consumer has no channel-layer channel of its own.
 
-A consumer remembers which rows its client shows (which run rows, which step rows and under which id), so it
-knows whether a fragment replaces a row or adds one. That mirror is exact because the client applies every
-message in order and a reconnect starts a new consumer with a fresh snapshot.
+A run page's socket joins its run's hub (runs.web.hub): one mirror, one render per event and variant, the same
+frame written to every socket watching that run. The run list's sockets each place rows (their filters
+differ), reading a changed run once per process per event (SharedReads) and sharing renders.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 from uuid import UUID
@@ -23,11 +21,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http import QueryDict
 
-from runs import realtime
-from runs.models import TERMINAL_STATUSES, Run, Step
+from runs.models import Run
 from runs.ops import audit
 from runs.selectors import RunListFilters
 from runs.web import fragments
+from runs.web import hub as hub_module
 from runs.web.run_filters import RunFilterForm
 
 log = logging.getLogger(__name__)
@@ -40,37 +38,6 @@ def _authenticated(scope: dict[str, Any]) -> bool:
 
 # RFC 6455 close code "message too big".
 CLOSE_TOO_BIG = 1009
-
-
-class SharedReads:
-    """Single-flight reads for the consumers of one process.
-
-    Every consumer of a group receives the same event at the same moment, and each would run the same query
-    on channels' one database thread, one after another: with 100 watchers of a run, a step's push waited for
-    99 other identical reads. The first consumer to ask for (what, *args) runs the read; the others asking
-    while it is in flight await its result. Nothing is kept after the read returns, so a later event always
-    reads afresh (never an older state than the event announced).
-    """
-
-    def __init__(self) -> None:
-        self._inflight: dict[tuple[Any, ...], asyncio.Future[Any]] = {}
-
-    async def get(self, fn: Any, *args: Any) -> Any:
-        key = (fn, *args)
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(database_sync_to_async(fn)(*args))
-            self._inflight[key] = future
-            future.add_done_callback(lambda done: self._forget(key, done))
-        # shield: one consumer disconnecting mid-read must not cancel the read the others are waiting on.
-        return await asyncio.shield(future)
-
-    def _forget(self, key: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
-        if self._inflight.get(key) is done:
-            del self._inflight[key]
-
-
-shared_reads = SharedReads()
 
 
 def _rendered(obj: Any, key: tuple[Any, ...], render: Any) -> str:
@@ -86,28 +53,61 @@ class CappedConsumer(AsyncWebsocketConsumer):
     """Inbound frames over settings.DEX_MAX_WS_MESSAGE_BYTES close the socket (1009) unread: the dashboard
     sends nothing big, so a big frame is abuse (daphne's own cap, 1 MiB by default, is far looser)."""
 
+    # No channel-layer channel per socket (no Redis subscription per socket): events come through the
+    # process's one Subscriber. An alias that isn't configured makes channels skip the layer.
+    channel_layer_alias = "dex-websockets-use-no-channel-layer"
+
     async def websocket_receive(self, message: dict[str, Any]) -> None:
         size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
         if size > settings.DEX_MAX_WS_MESSAGE_BYTES:
             limit = settings.DEX_MAX_WS_MESSAGE_BYTES
             log.warning("closing a websocket that sent a %d-byte frame (limit %d)", size, limit)
-            await self.close(code=CLOSE_TOO_BIG)
+            try:
+                await self.close(code=CLOSE_TOO_BIG)
+            except Exception as exc:  # a server that refuses the code: close anyway, without a traceback
+                log.warning("the server refused close code %d (%s); closing with 1000", CLOSE_TOO_BIG, exc)
+                await self.close()
             return
         await super().websocket_receive(message)
+
+
+def _let_daphne_send_rfc_close_codes() -> None:
+    """daphne closes a socket through autobahn's `sendClose`, which takes only 1000 and 3000-4999 from an
+    application and raises on 1009, though RFC 6455 (7.4.1) has an endpoint send 1009 for a message too big to
+    process: the close became a traceback and a 1011. For the RFC's own codes, daphne's `serverClose` sends
+    the close frame with autobahn's `sendCloseFrame`, the frame writer `sendClose` ends in. Pinned by
+    tests/integration/test_realtime.py (a real daphne), so an upgrade that moves these names fails a test."""
+    try:
+        from daphne.ws_protocol import WebSocketProtocol
+    except ImportError:  # served by another ASGI server: it passes the code on itself
+        return
+    if getattr(WebSocketProtocol, "_dex_rfc_close_codes", False) or not hasattr(WebSocketProtocol, "sendCloseFrame"):
+        return
+    server_close = WebSocketProtocol.serverClose
+
+    def serverClose(self: Any, code: int | None = None) -> None:  # noqa: N802 (daphne's name)
+        if code in _RFC_CLOSE_CODES:
+            self.sendCloseFrame(code=code, isReply=False)
+        else:
+            server_close(self, code=code)
+
+    WebSocketProtocol.serverClose = serverClose
+    WebSocketProtocol._dex_rfc_close_codes = True
+
+
+# Codes an endpoint may send (RFC 6455 7.4.1) that autobahn's sendClose refuses: policy, too big, internal.
+_RFC_CLOSE_CODES = {1008, 1009, 1011}
+_let_daphne_send_rfc_close_codes()
 
 
 class RunListConsumer(CappedConsumer):
     """The run list's first page, filtered as the socket URL's query string says (the page's own filters):
     new runs that match appear, status changes replace their row, a run that stops matching leaves, and the
-    per-status counters follow."""
-
-    # The counters cost a (bounded) query: refreshed at most this often, however many runs change.
-    COUNTERS_INTERVAL = 2.0
+    per-status counters follow. Fed by the process's RunListHub (runs.web.hub)."""
 
     filters = RunListFilters()
     is_operator = False
-    _counters_task: asyncio.Task[None] | None = None
-    _counters_sent = 0.0
+    hub: hub_module.RunListHub | None = None
 
     async def connect(self) -> None:
         if not _authenticated(self.scope):
@@ -116,29 +116,23 @@ class RunListConsumer(CappedConsumer):
         self.filters = RunFilterForm(QueryDict(self.scope.get("query_string", b"").decode())).filters()
         # Pushed rows carry the bulk-selection checkbox only for operators.
         self.is_operator = await database_sync_to_async(audit.is_operator)(self.scope["user"])
-        await self.channel_layer.group_add(realtime.RUNS_GROUP, self.channel_name)
         await self.accept()
+        # Joined (subscribed) before the snapshot's read, so no change falls between the two.
+        self.shown: list[UUID] = []
+        self.hub = hub_module.run_list_hub()
+        await self.hub.join(self)
         runs = await database_sync_to_async(fragments.run_list_runs)(self.filters)
         # Newest first, as on the page.
-        self.shown: list[UUID] = [run.pk for run in runs]
+        self.shown = [run.pk for run in runs]
         await self.send(text_data=fragments.render_run_rows(runs, is_operator=self.is_operator))
-        await self._send_counters()
+        await self.hub.greet(self, runs)
 
     async def disconnect(self, code: int) -> None:
-        if self._counters_task is not None:
-            self._counters_task.cancel()
-        await self.channel_layer.group_discard(realtime.RUNS_GROUP, self.channel_name)
+        if self.hub is not None:
+            await self.hub.leave(self)
 
-    async def run_event(self, message: dict[str, Any]) -> None:
-        event = message["event"]
-        if event["kind"] != "run":
-            return
-        run = await shared_reads.get(fragments.run_get_or_none, event["run_id"])
-        if run is None:  # deleted, or another database's run on a shared Redis
-            return
-        for html in self._place(run):
-            await self.send(text_data=html)
-        self._counters_soon()
+    def place(self, run: Run) -> list[str]:
+        return self._place(run)
 
     def _place(self, run: Run) -> list[str]:
         """The fragments that put `run` on the list: each is its own message, because table parts don't
@@ -171,26 +165,14 @@ class RunListConsumer(CappedConsumer):
             messages.append(fragments.render_remove(f"run-{self.shown.pop()}"))
         return messages
 
-    def _counters_soon(self) -> None:
-        if self._counters_task is not None and not self._counters_task.done():
-            return  # already due: it will read the counts after this change too
-        delay = max(0.0, self._counters_sent + self.COUNTERS_INTERVAL - asyncio.get_running_loop().time())
-        self._counters_task = asyncio.ensure_future(self._send_counters(delay))
-
-    async def _send_counters(self, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        counters = await database_sync_to_async(fragments.run_list_counters)()
-        self._counters_sent = asyncio.get_running_loop().time()
-        await self.send(text_data=fragments.render_run_counters(counters))
-
 
 class RunDetailConsumer(CappedConsumer):
-    """One run's page: header, output, steps, logs and metadata, live."""
+    """One run's page: header, output, steps, logs and metadata, live, through the run's hub."""
+
+    hub: hub_module.RunHub | None = None
 
     async def connect(self) -> None:
         self.run_id: UUID = self.scope["url_route"]["kwargs"]["run_id"]
-        self.group = realtime.run_group(self.run_id)
         if not _authenticated(self.scope):
             await self.close()
             return
@@ -198,133 +180,11 @@ class RunDetailConsumer(CappedConsumer):
             await self.close()
             return
         # Pushed headers and step rows carry the action buttons only for operators.
-        self.can_operate = await database_sync_to_async(audit.is_operator)(self.scope["user"])
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        can_operate = await database_sync_to_async(audit.is_operator)(self.scope["user"])
         await self.accept()
-        await self._send_snapshot()
+        self.hub = hub_module.run_hub(self.run_id)
+        await self.hub.join(self, can_operate=can_operate)
 
     async def disconnect(self, code: int) -> None:
-        await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def _send_snapshot(self) -> bool:
-        context = await database_sync_to_async(fragments.run_detail_context)(self.run_id, can_operate=self.can_operate)
-        if context is None:  # the run was deleted
-            await self.close()
-            return False
-        self.run: Run = context["run"]
-        self.timeline: fragments.Timeline = context["timeline"]
-        self.metadata: dict[str, Any] = dict(context["metadata"])
-        # step key -> the id of its row on the client
-        self.step_rows: dict[str, str] = {step.key: fragments.step_dom_id(step) for step in context["steps"]}
-        # step key -> characters of its token stream the client shows (the snapshot's stored text, then pushes)
-        self.streamed: dict[str, int] = {key: len(text) for key, text in context["tokens"].items()}
-        await self.send(text_data=fragments.render_run_snapshot(context))
-        return True
-
-    async def run_event(self, message: dict[str, Any]) -> None:
-        event = message["event"]
-        if event["run_id"] != str(self.run_id):
-            return
-        kind, data = event["kind"], event.get("data") or {}
-        if kind == "run":
-            await self._on_run(data)
-        elif kind == "step":
-            await self._on_step(data)
-        elif kind == "log":
-            await self.send(text_data=fragments.render_log_lines([data], run_pk=self.run_id))
-        elif kind == "metadata":
-            # Metadata is stored with the worker's next write; the event carries the new value now.
-            self.metadata[data["key"]] = data.get("value")
-            await self.send(text_data=fragments.render_metadata(self.run, self.metadata))
-        elif kind == "token":
-            await self._on_token(data)
-
-    async def _on_run(self, data: dict[str, Any]) -> None:
-        if data.get("status") in TERMINAL_STATUSES:
-            # The run's last write stored every log line and step; repaint all regions from Postgres, which
-            # also repairs anything a lost event left out.
-            await self._send_snapshot()
-            return
-        run = await shared_reads.get(fragments.run_detail_get_or_none, self.run_id)
-        if run is not None:
-            self.run = run
-            html = _rendered(
-                run,
-                ("status", self.can_operate),
-                lambda: fragments.render_run_status(run, can_operate=self.can_operate),
-            )
-            await self.send(text_data=html)
-
-    async def _on_token(self, data: dict[str, Any]) -> None:
-        key = data.get("key", "")
-        dom_id = self.step_rows.get(key)
-        if not dom_id:
-            return
-        if data.get("reset"):
-            self.streamed[key] = 0
-            await self.send(text_data=fragments.render_tokens_reset(dom_id))
-            return
-        text = data.get("text") or ""
-        offset = data.get("offset")
-        shown = self.streamed.get(key, 0)
-        if not text:
-            return
-        if not isinstance(offset, int):  # a worker of an older version: append as it comes
-            await self.send(text_data=fragments.render_tokens(dom_id, text))
-            return
-        end = offset + len(text)
-        if end <= shown:
-            return  # the snapshot already had it (stored between joining the group and reading)
-        if offset > shown:
-            # Published before this socket joined, stored after the snapshot's read: read it back. If it
-            # isn't stored yet, wait for the next piece (the worker stores every 0.25 s; the final repaint
-            # when the step settles shows the whole text in any case).
-            stored = await shared_reads.get(fragments.streamed_text, self.run_id, key)
-            if len(stored) < offset:
-                return
-            text = stored[shown:offset] + text
-            offset = shown
-        self.streamed[key] = end
-        await self.send(text_data=fragments.render_tokens(dom_id, text[shown - offset :]))
-
-    async def _on_step(self, data: dict[str, Any]) -> None:
-        key = data.get("key")
-        if not key:
-            return
-        step = await shared_reads.get(fragments.step_get_or_none, self.run_id, key)
-        attempt = int(data.get("attempt") or 1)
-        if data.get("status") == "running" and (step is None or step.attempts < attempt):
-            # A new attempt started; its row is written when it settles.
-            shown = step or fragments.PendingStep(key=key, attempts=attempt)
-            await self.send(text_data=self._step_html(shown, live_status="running", live_attempt=attempt))
-        elif step is not None:
-            await self.send(text_data=self._step_html(step))
-
-    def _step_html(self, step: Step | fragments.PendingStep, **live: Any) -> str:
-        dom_id = fragments.step_dom_id(step)
-        current = self.step_rows.get(step.key)
-        if current is None:
-            oob = "append"
-        elif current == dom_id:
-            oob = "true"
-        else:
-            oob = f"outerHTML:#{current}"
-        self.step_rows[step.key] = dom_id
-
-        def render() -> str:
-            return fragments.render_step(
-                step,
-                oob=oob,
-                run_pk=self.run_id,
-                can_operate=self.can_operate,
-                timeline=self.timeline.extended_to_now(),
-                **live,
-            )
-
-        if not isinstance(step, Step):
-            return render()  # a pending row, made for this consumer alone
-        # Watchers of the same run share its timeline's start; the bar's width is drawn against "now" by
-        # whichever renders first, within the same event.
-        return _rendered(
-            step, ("step", oob, self.can_operate, self.timeline.start, tuple(sorted(live.items()))), render
-        )
+        if self.hub is not None:
+            await self.hub.leave(self)

@@ -4,6 +4,7 @@ events going worker → Redis → daphne → a real websocket (or SSE) client, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import socket
@@ -20,6 +21,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from redis import Redis
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from runs import services
 from runs.models import ApiKey, Run, RunStatus
@@ -46,11 +48,12 @@ class Daphne:
         return f"ws://127.0.0.1:{self.port}{path}"
 
 
-@pytest.fixture
-def daphne(dex_env: dict[str, str], tmp_path: Path) -> Iterator[Daphne]:
+@pytest.fixture(scope="module")
+def daphne(dex_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daphne]:
+    """One daphne for the module (a start costs seconds); each test watches its own runs."""
     port = free_port()
     args = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "dexweb.asgi:application"]
-    proc = Proc("daphne", args, dex_env, tmp_path).start()
+    proc = Proc("daphne", args, dex_env, tmp_path_factory.mktemp("daphne")).start()
     try:
         proc.wait_for_log("Listening on TCP address")
         yield Daphne(proc, port)
@@ -81,24 +84,30 @@ def test_it_pushes_every_step_of_a_run_to_its_page_as_the_worker_executes_it(
     assert page.status == 200
     assert f'ws-connect="/ws/runs/{run.pk}/"' in page.read().decode()
 
-    async def scenario() -> tuple[list[str], list[str]]:
+    async def scenario() -> tuple[list[list[str]], list[str]]:
         headers = {"Cookie": session_cookie}
+        page_url = daphne.ws_url(f"/ws/runs/{run.pk}/")
         async with (
-            connect(daphne.ws_url(f"/ws/runs/{run.pk}/"), origin=daphne.origin, additional_headers=headers) as page,
+            # Three tabs on the run: daphne's hub for the run writes every frame to each of them.
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page1,
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page2,
+            connect(page_url, origin=daphne.origin, additional_headers=headers) as page3,
             connect(daphne.ws_url("/ws/runs/"), origin=daphne.origin, additional_headers=headers) as listing,
         ):
-            page_messages = [await asyncio.wait_for(page.recv(), 10)]
+            pages = [page1, page2, page3]
+            page_messages = [[await asyncio.wait_for(page.recv(), 10)] for page in pages]
             list_messages = [await asyncio.wait_for(listing.recv(), 10)]
-            assert f'id="run-{run.pk}-steps"' in page_messages[0]
+            assert all(f'id="run-{run.pk}-steps"' in messages[0] for messages in page_messages)
             assert f'id="run-{run.pk}"' in list_messages[0]
 
-            # Only now does a worker exist to execute the run: every step happens while the page watches.
+            # Only now does a worker exist to execute the run: every step happens while the pages watch.
             await asyncio.to_thread(processes.worker)
 
             finished = f'id="run-{run.pk}-header" class="card run-header" hx-swap-oob="true"'
             deadline = time.monotonic() + 60
-            while not any(finished in m and "status-completed" in m for m in page_messages[1:]):
-                page_messages.append(await asyncio.wait_for(page.recv(), max(0.1, deadline - time.monotonic())))
+            for page, messages in zip(pages, page_messages, strict=True):
+                while not any(finished in m and "status-completed" in m for m in messages[1:]):
+                    messages.append(await asyncio.wait_for(page.recv(), max(0.1, deadline - time.monotonic())))
             while not any(f'id="run-{run.pk}"' in m and "status-completed" in m for m in list_messages[1:]):
                 list_messages.append(await asyncio.wait_for(listing.recv(), max(0.1, deadline - time.monotonic())))
             return page_messages, list_messages
@@ -109,11 +118,14 @@ def test_it_pushes_every_step_of_a_run_to_its_page_as_the_worker_executes_it(
     assert run.status == RunStatus.COMPLETED
     steps = {step.key: step.pk for step in run.steps.all()}
     assert sorted(steps, key=lambda key: int(key[1:])) == STEPS
-    # Pushed one by one, not just repainted at the end: each step's own fragment arrived.
-    pushes = [m for m in page_messages[1:] if f'id="run-{run.pk}-header"' not in m]
-    for key, pk in steps.items():
-        assert any(f'id="step-{pk}"' in m and "status-completed" in m for m in pushes), f"no live fragment for {key}"
-    assert any("step-pending-" in m and "status-running" in m for m in pushes)
+    for messages in page_messages:
+        # Pushed as they happened, not just repainted at the end (the repaint holds the whole step list).
+        pushes = [m for m in messages[1:] if f'id="run-{run.pk}-steps"' not in m]
+        for key, pk in steps.items():
+            assert any(f'id="step-{pk}"' in m and "status-completed" in m for m in pushes), (
+                f"no live fragment for {key}"
+            )
+        assert any("step-pending-" in m and "status-running" in m for m in pushes)
     assert any("status-running" in m for m in list_messages[1:])
 
 
@@ -137,12 +149,12 @@ def test_the_sse_stream_carries_a_runs_events_until_it_finishes(daphne: Daphne, 
     assert Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED
 
 
-def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict[str, str], session_cookie: str):
+def test_clients_that_go_away_leave_the_runs_channel(daphne: Daphne, dex_env: dict[str, str], session_cookie: str):
     """A closed tab or a dropped SSE client must not stay subscribed: Redis is asked who listens."""
     _key, secret = ApiKey.generate(name="sse")
     run = Run.objects.create(task_id="t-ten-steps", status=RunStatus.RUNNING)
     redis = Redis.from_url(settings.REDIS_URL)
-    group = f"{dex_env['DEX_CHANNEL_PREFIX']}__group__run.{run.pk}"
+    group = f"{dex_env['DEX_CHANNEL_PREFIX']}:run:{run.pk}"  # runs.realtime.run_channel
 
     def listeners() -> int:
         return redis.pubsub_numsub(group)[0][1]
@@ -152,7 +164,7 @@ def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict
     assert listeners() == 1
     response.close()
     conn.close()
-    wait_for(lambda: listeners() == 0, timeout=15, what="the SSE client's channel to leave the group")
+    wait_for(lambda: listeners() == 0, timeout=15, what="the SSE client to leave the channel")
 
     async def watch_and_leave() -> None:
         headers = {"Cookie": session_cookie}
@@ -163,7 +175,27 @@ def test_clients_that_go_away_leave_the_runs_group(daphne: Daphne, dex_env: dict
             assert listeners() == 1
 
     async_to_sync(watch_and_leave)()
-    wait_for(lambda: listeners() == 0, timeout=15, what="the websocket's channel to leave the group")
+    wait_for(lambda: listeners() == 0, timeout=15, what="the websocket's hub to leave the channel")
+
+
+def test_an_oversized_frame_closes_the_socket_with_1009_and_no_traceback(daphne: Daphne, session_cookie: str):
+    """Over Dex's cap (DEX_MAX_WS_MESSAGE_BYTES, 64 KiB) the consumer closes with 1009 ("message too big") and
+    the server logs no traceback. (Over daphne's own cap, 1 MiB, autobahn drops the connection: 1006.)"""
+    headers = {"Cookie": session_cookie}
+
+    async def close_code(size: int) -> int | None:
+        async with connect(
+            daphne.ws_url("/ws/runs/"), origin=daphne.origin, additional_headers=headers, max_size=None
+        ) as ws:
+            await asyncio.wait_for(ws.recv(), 10)  # the snapshot
+            await ws.send("x" * size)
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return ws.close_code
+
+    assert async_to_sync(close_code)(100 * 1024) == 1009
+    assert "Traceback" not in daphne.proc.log()
 
 
 def read_event(response: http.client.HTTPResponse) -> tuple[str, Any]:

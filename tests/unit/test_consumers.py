@@ -21,6 +21,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
@@ -28,7 +29,7 @@ from dexweb.asgi import application
 from runs import realtime
 from runs.api import sse
 from runs.models import ApiKey, Run, RunStatus, Step, StepChunk, StepStatus
-from runs.web import fragments
+from runs.web import fragments, hub
 from runs.web.consumers import RunListConsumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -61,6 +62,20 @@ async def receive_until(comm: WebsocketCommunicator, predicate: Callable[[str], 
         message = await comm.receive_from(timeout=left)
         if predicate(message):
             return message
+
+
+async def receive_all_until(
+    comm: WebsocketCommunicator, predicate: Callable[[str], bool], timeout: float = 10
+) -> list[str]:
+    """Every message up to and including the first that satisfies `predicate`."""
+    messages: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not messages or not predicate(messages[-1]):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError("timed out waiting for a matching websocket message")
+        messages.append(await comm.receive_from(timeout=left))
+    return messages
 
 
 def make_run(status: str = RunStatus.RUNNING, **fields: Any) -> Run:
@@ -145,9 +160,10 @@ def test_it_sends_the_run_page_snapshot_then_each_change(cookie: str) -> None:
             assert f'hx-swap-oob="beforeend:#run-{run.pk}-steps"' in html
             assert "status-running" in html
 
-            # It settles: its row replaces the placeholder.
+            # It settles: its row replaces the placeholder. The event says what changed, the row's id included
+            # (as the engine's do); nothing is read back.
             s2 = await _create_step(run, "s2", 1)
-            publish("step", key="s2", status="completed", attempt=1, duration=0.1)
+            publish("step", key="s2", id=s2.pk, seq=1, status="completed", attempt=1, output_preview="1")
             html = await receive_until(comm, lambda m: f'id="step-{s2.pk}"' in m)
             assert f'hx-swap-oob="outerHTML:#{pending_id}"' in html
             assert "status-completed" in html
@@ -248,6 +264,209 @@ def test_a_page_opened_mid_stream_shows_each_streamed_character_once(cookie: str
             await comm.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_sockets_watching_one_run_cost_one_snapshot_and_one_render_per_event_not_one_per_socket(
+    cookie: str, operator: Client
+) -> None:
+    """N sockets of one process on one run: the run is read once when the first one joins; after that an event
+    costs no query and one render per variant (viewer, operator), written to all N. A hole in the event
+    sequence, and the run's end, cost one read for all of them."""
+    run = make_run(metadata={"phase": "start"})
+    make_step(run, "s1", 0)
+    operator_cookie = f"sessionid={operator.cookies['sessionid'].value}"
+    cookies = [cookie, operator_cookie] * 6  # 12 sockets, two variants
+    # Every query of the consumers runs on this thread's connection (database_sync_to_async comes back here).
+    queries: list[str] = []
+
+    def counted(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    one_snapshot: list[str] = []
+
+    def publish(kind: str, **data: Any) -> None:
+        realtime.publish_now(realtime.RunEvent(kind, str(run.pk), data), to_runs_list=kind == "run")
+
+    async def each_gets(comms: list[WebsocketCommunicator], predicate: Callable[[str], bool]) -> list[str]:
+        return [await receive_until(comm, predicate) for comm in comms]
+
+    async def scenario() -> None:
+        hub.stats.reset()
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=c) for c in cookies]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+            snapshots = await each_gets(comms, lambda m: f'id="run-{run.pk}-steps"' in m)
+            assert all("s1" in m for m in snapshots)
+            assert hub.stats.snapshot_reads == 1  # the first socket's; the others were served from the mirror
+
+            s2 = await _create_step(run, "s2", 1)
+            hub.stats.reset()
+            queries.clear()
+            publish("step", key="s2", seq=1, status="running", attempt=1, started_at=timezone.now().isoformat())
+            publish("step", key="s2", id=s2.pk, seq=1, status="completed", attempt=1, output_preview="1")
+            publish("log", step_key="s2", ts=timezone.now().isoformat(), level="INFO", message="half way")
+            publish("metadata", key="progress", value=0.5)
+            publish("run", status="running", cost_usd="0.25")
+            # Events that queue up while the hub writes go out together, one frame per socket: read until the
+            # last event's fragment has come, then look at everything received.
+            received = [
+                "".join(await receive_all_until(comm, lambda m: f'id="run-{run.pk}-header"' in m)) for comm in comms
+            ]
+            for text in received:
+                assert f'id="step-{s2.pk}"' in text and "status-completed" in text
+                assert "half way" in text
+                assert f'id="run-{run.pk}-metadata"' in text and "progress" in text
+            assert queries == []
+            # step running, step completed, run: per variant; log and metadata: the same fragment for both
+            assert hub.stats.renders == 3 * 2 + 2
+            assert len(comms) <= hub.stats.frames <= 5 * len(comms)
+            pushed = received
+            assert hub.stats.snapshot_reads == 0
+            assert all(("/cancel/" in m) == (i % 2 == 1) for i, m in enumerate(pushed))  # operators' buttons
+
+            # An event lost on the way (the run's counter moved past it): one read, a fresh snapshot for all.
+            await sync_to_async(_skip_an_event)(run)
+            hub.stats.reset()
+            queries.clear()
+            publish("metadata", key="progress", value=0.75)
+            await each_gets(comms, lambda m: f'id="run-{run.pk}-steps"' in m)
+            assert hub.stats.snapshot_reads == 1
+            assert 0 < len(queries) <= len(one_snapshot)  # one snapshot's, whatever the number of sockets
+
+            # The run ends: every region repainted from Postgres, read once for all the sockets.
+            await _finish(run)
+            hub.stats.reset()
+            queries.clear()
+            publish("run", status="completed")
+            repaints = await each_gets(comms, lambda m: f'id="run-{run.pk}-header"' in m)
+            assert all("status-completed" in m and "55" in m for m in repaints)
+            assert hub.stats.snapshot_reads == 1
+            assert 0 < len(queries) <= len(one_snapshot)  # one snapshot's, whatever the number of sockets
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    with connection.execute_wrapper(counted):
+        fragments.run_detail_context(run.pk)
+        one_snapshot += queries
+        async_to_sync(scenario)()
+
+
+def test_a_lost_redis_connection_is_re_made_and_every_socket_repaired_from_one_snapshot(cookie: str) -> None:
+    run = make_run()
+    make_step(run, "s1", 0)
+
+    async def scenario() -> None:
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=cookie) for _ in range(3)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+            hub.stats.reset()
+            # Redis drops the process's pub/sub connection (a restart, a network blip): events meanwhile are gone.
+            await sync_to_async(_kill_pubsub_connections)()
+            for comm in comms:
+                await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)  # a fresh snapshot
+            assert hub.stats.snapshot_reads == 1
+            # ...and the channel was subscribed again: events flow as before.
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "after", "value": 1}))
+            for comm in comms:
+                await receive_until(comm, lambda m: "after" in m)
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_a_retried_run_is_read_again_once_for_its_watchers(cookie: str) -> None:
+    """A retry reopens a failed run and resets its failed steps in Postgres, which no step event describes:
+    the hub re-reads the run (once for all its sockets) when a finished run becomes live again."""
+    run = make_run(status=RunStatus.FAILED, error={"type": "ValueError", "message": "first try broke"})
+    make_step(run, "s1", 0, status=StepStatus.FAILED, output=None, error={"type": "ValueError", "message": "x"})
+
+    async def scenario() -> None:
+        comms = [socket(f"/ws/runs/{run.pk}/", cookie=cookie) for _ in range(2)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                assert "first try broke" in await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+            hub.stats.reset()
+            await sync_to_async(services_retry)(run)
+            for comm in comms:
+                html = await receive_until(comm, lambda m: f'id="run-{run.pk}-steps"' in m)
+                assert "status-queued" in html and "first try broke" not in html and "step-retrying" in html
+            assert hub.stats.snapshot_reads == 1
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def services_retry(run: Run) -> None:
+    from runs.engine import run_retry_from_failed_step
+
+    assert run_retry_from_failed_step(run.pk)
+
+
+def _kill_pubsub_connections() -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.REDIS_URL).client_kill_filter(_type="pubsub")
+
+
+def test_run_list_sockets_share_one_subscription_one_read_of_the_counters_and_no_read_for_a_workers_event(
+    cookie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub.RunListHub, "COUNTERS_INTERVAL", 600.0)  # the counters' re-read is not at issue
+    run = make_run(status=RunStatus.QUEUED)
+    queries: list[str] = []
+
+    def counted(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    async def scenario() -> None:
+        comms = [socket("/ws/runs/", cookie=cookie) for _ in range(8)]
+        try:
+            for comm in comms:
+                connected, _ = await comm.connect()
+                assert connected
+                await receive_until(comm, lambda m: f'id="run-{run.pk}"' in m)  # its snapshot
+            await asyncio.gather(*(receive_until(comm, lambda m: "run-counters" in m) for comm in comms))
+            assert realtime.subscriber().subscribers(realtime.runs_channel()) == 1
+            hub.stats.reset()
+            queries.clear()
+            # What a worker publishes when it claims the run: everything the row shows.
+            now = timezone.now().isoformat()
+            data = {"started_at": now, "code_version": "v1", "cost_usd": "0", "steps_completed": 0}
+            realtime.publish_now(realtime.run_changed(run.pk, RunStatus.RUNNING, **data), to_runs_list=True)
+            rows = await asyncio.gather(
+                *(receive_until(comm, lambda m: f'id="run-{run.pk}"' in m and "status-running" in m) for comm in comms)
+            )
+            assert len(set(rows)) == 1  # one rendering, the same frame for every socket
+            assert hub.stats.snapshot_reads == 0
+            assert queries == []
+        finally:
+            for comm in comms:
+                await comm.disconnect()
+
+    with connection.execute_wrapper(counted):
+        async_to_sync(scenario)()
+
+
+def _skip_an_event(run: Run) -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.REDIS_URL).incr(f"{realtime.channel_prefix()}:seq:{run.pk}")
 
 
 # --- websockets: the run list ------------------------------------------------------------------------------
@@ -415,6 +634,31 @@ def test_the_stream_sends_a_snapshot_then_the_runs_events_until_it_finishes(secr
             realtime.publish_now(realtime.run_changed(run.pk, RunStatus.COMPLETED), to_runs_list=True)
             assert await next_event(stream) == ("run", {"status": "completed"})
             assert await next_event(stream) == ("end", None)
+        finally:
+            await stream.aclose()
+
+    async_to_sync(scenario)()
+
+
+def test_the_stream_numbers_its_events_and_sends_a_snapshot_after_a_lost_one(secret: str) -> None:
+    run = make_run()
+
+    async def scenario() -> None:
+        response = await stream_request(secret, run.pk)
+        stream = aiter(response.streaming_content)
+        try:
+            assert (await next_event(stream))[0] == "snapshot"
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "a", "value": 1}))
+            first = (await asyncio.wait_for(anext(stream), 10)).decode()
+            assert first.startswith("id: 1\nevent: metadata\n")
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "b", "value": 2}))
+            assert (await asyncio.wait_for(anext(stream), 10)).decode().startswith("id: 2\n")
+
+            await sync_to_async(_skip_an_event)(run)  # event 3 was lost on the way
+            realtime.publish_now(realtime.RunEvent("metadata", str(run.pk), {"key": "d", "value": 4}))
+            kind, data = await next_event(stream)
+            assert kind == "snapshot" and data["run"]["id"] == str(run.pk)
+            assert (await asyncio.wait_for(anext(stream), 10)).decode().startswith("id: 4\nevent: metadata\n")
         finally:
             await stream.aclose()
 
