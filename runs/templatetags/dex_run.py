@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from django import template
+from django.conf import settings
 
 from runs.web import fragments
 
@@ -44,8 +45,48 @@ def lookup(mapping: Any, key: Any) -> Any:
 
 
 @register.filter
+def epoch_ms(value: Any) -> int | str:
+    """A datetime as milliseconds since the epoch (what static/js/dex.js lays the trace out from)."""
+    return int(value.timestamp() * 1000) if hasattr(value, "timestamp") else ""
+
+
+@register.simple_tag
+def default_queue() -> str:
+    return settings.DEX_DEFAULT_QUEUE
+
+
+@register.filter
 def llm_text(output: Any) -> str | None:
     """The text an LLM step answered (its output is a runs.ai Completion as a dict), or None."""
     if isinstance(output, dict) and isinstance(output.get("text"), str):
         return output["text"]
     return None
+
+
+@register.simple_tag
+def step_segments(
+    step: Any, timeline: fragments.Timeline | None, live_status: str | None = None, live_attempt: Any = None
+) -> list[fragments.Segment]:
+    """The stretches of a step on the run's time axis (attempts, back-offs, waits): fragments.Timeline."""
+    if timeline is None:
+        return []
+    attempt = int(live_attempt) if live_attempt else None
+    return timeline.segments(step, live_status=live_status or None, live_attempt=attempt)
+
+
+@register.filter
+def transcript(meta: Any) -> list[dict[str, str]]:
+    """The messages an LLM step sent (its recorded, redacted request), as role and text."""
+    request = (meta or {}).get("exchange", {}).get("request") if isinstance(meta, dict) else None
+    messages = request.get("messages") if isinstance(request, dict) else None
+    if not isinstance(messages, list):
+        return []
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if not isinstance(content, str):
+            content = json.dumps(content, ensure_ascii=False, default=str)
+        out.append({"role": str(message.get("role", "")), "content": content})
+    return out
