@@ -18,7 +18,7 @@ from uuid import UUID
 
 from django import forms
 from django.contrib.postgres.expressions import ArraySubquery
-from django.db.models import CharField, F, Func, IntegerField, OuterRef, Subquery
+from django.db.models import CharField, Count, F, Func, IntegerField, OuterRef, Subquery
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce, JSONObject
 from django.template.loader import render_to_string
@@ -65,8 +65,33 @@ def step_dom_id(step: Step | PendingStep) -> str:
 
 def run_list_runs(filters: selectors.RunListFilters | None = None) -> list[Run]:
     """The first page of the run list (what the live list shows), newest first, as `filters` narrow it."""
-    runs = selectors.run_queryset(filters=filters or selectors.RunListFilters())
-    return list(runs.defer("payload", "output").order_by("-id")[:RUN_LIST_LIMIT])
+    runs = selectors.run_queryset(filters=filters or selectors.RunListFilters(top_level=True))
+    page = list(runs.defer("payload", "output").order_by("-id")[:RUN_LIST_LIMIT])
+    annotate_child_counts(page)
+    return page
+
+
+def annotate_child_counts(runs: list[Run]) -> None:
+    """Set `child_count` on each run of a list page: one grouped query over the page's ids (the parent FK's
+    index), so a row can offer its children nested under it."""
+    counts = (
+        dict(
+            Run.objects.filter(parent_id__in=[run.pk for run in runs])
+            .order_by()
+            .values("parent_id")
+            .annotate(n=Count("pk"))
+            .values_list("parent_id", "n")[: len(runs)]  # one group per run of the page at most
+        )
+        if runs
+        else {}
+    )
+    for run in runs:
+        run.child_count = counts.get(run.pk, 0)
+
+
+def run_children(run_id: UUID | str) -> list[Run]:
+    """The first child runs of a run, oldest first (what its row in the list expands to)."""
+    return list(Run.objects.filter(parent_id=run_id).defer("payload", "output").order_by("id")[:CHILDREN_LIMIT])
 
 
 def run_list_counters() -> list[selectors.StatusCount]:
@@ -507,6 +532,10 @@ def render_run_counters(counters: list[selectors.StatusCount]) -> str:
 
 
 def render_remove(dom_id: str) -> str:
+    if dom_id == "runs-empty":
+        # The "no runs" row is never removed, only hidden once a run row is there (CSS): a later removal would
+        # otherwise find no target (htmx:oobErrorNoTarget), e.g. after a bulk action re-rendered the rows.
+        return ""
     return render_to_string(f"{RUN_LIST_TEMPLATE}#row-remove", {"dom_id": dom_id})
 
 

@@ -12,6 +12,7 @@ urlpatterns = [
     path("runs/bulk/", run_list.runs_bulk, name="runs-bulk"),
     path("audit/", run_list.audit_list, name="audit-list"),
     path("runs/<uuid:run_id>/", run_page.run_detail, name="run-detail"),
+    path("runs/<uuid:run_id>/children/", run_list.run_children, name="run-children"),
     path("runs/<uuid:run_id>/step/", run_page.run_step, name="run-step"),
     path("runs/<uuid:run_id>/trace/", run_page.run_trace, name="run-trace"),
     path("runs/<uuid:run_id>/cancel/", run_page.run_cancel, name="run-cancel"),

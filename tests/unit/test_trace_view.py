@@ -210,3 +210,19 @@ def test_a_2000_step_run_page_renders_in_at_most_8_queries(
     assert 'data-run-steps-completed data-base="2000"' in html
     assert 'data-inspected-key="s1999"' in html and 'data-key="s1999"' in html
     assert "earlier steps not shown" in html
+
+
+def test_the_run_list_nests_child_runs_under_their_parent(operator: Client) -> None:
+    parent = make_run(task_id="t-parent", code_version="v-123")
+    child = make_run(task_id="t-child", parent=parent)
+
+    html = get(operator, "/")
+    assert f'id="run-{parent.pk}"' in html and f'id="run-{child.pk}"' not in html
+    assert "1 child run<" in html and f'hx-get="/runs/{parent.pk}/children/"' in html
+    assert f">{parent.pk}</a>" in html and "v-123" in html  # the full id, and the version column
+
+    nested = get(operator, f"/runs/{parent.pk}/children/", **HTMX)
+    assert f'data-run-id="{child.pk}"' in nested and "t-child" in nested
+    # Looking for it (by id, or by its task) finds the child on its own.
+    assert f'id="run-{child.pk}"' in get(operator, f"/?q={child.pk}")
+    assert f'id="run-{child.pk}"' in get(operator, "/?task=t-child")
