@@ -1,13 +1,17 @@
 """Template filters of the run page. They return plain data or plain strings: autoescaping still applies, and
-nothing here marks anything safe — a run's payload, outputs, logs and LLM text are shown as text, inert."""
+nothing here marks anything safe — a run's payload, outputs, logs and LLM text are shown as text, inert — except
+`markdown`, whose HTML nh3 has sanitized."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import nh3
 from django import template
 from django.conf import settings
+from django.utils.safestring import mark_safe
+from markdown_it import MarkdownIt
 
 from runs.web import fragments
 
@@ -90,3 +94,18 @@ def transcript(meta: Any) -> list[dict[str, str]]:
             content = json.dumps(content, ensure_ascii=False, default=str)
         out.append({"role": str(message.get("role", "")), "content": content})
     return out
+
+
+# What agent docstrings may use once rendered: text formatting, lists, code, links. No raw HTML (markdown-it's
+# html=False escapes it) and no scripts, styles, images or event handlers (nh3 drops them whatever comes).
+_MARKDOWN_TAGS = {"p", "br", "em", "strong", "code", "pre", "ul", "ol", "li", "a", "blockquote", "h3", "h4", "hr"}
+
+
+@register.filter
+def markdown(text: Any) -> str:
+    """An agent's docstring as Markdown, made safe with nh3 (only the tags above; links get rel=noopener)."""
+    html = MarkdownIt("commonmark", {"html": False}).render(str(text or ""))
+    cleaned = nh3.clean(
+        html, tags=_MARKDOWN_TAGS, attributes={"a": {"href", "title"}}, url_schemes={"http", "https", "mailto"}
+    )
+    return mark_safe(cleaned)  # noqa: S308 - sanitized by nh3 just above
