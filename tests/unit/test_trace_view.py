@@ -165,6 +165,7 @@ def test_child_runs_are_nested_under_the_step_that_started_them_and_expand(opera
 
     fan = row(get(operator, f"/runs/{run.pk}/"), "fan")
     assert f'data-run-id="{child.pk}"' in fan and "t-child" in fan and f'hx-get="/runs/{child.pk}/trace/"' in fan
+    assert f'href="/runs/{child.pk}/"' in fan
 
     trace = get(operator, f"/runs/{child.pk}/trace/", **HTMX)
     assert 'data-step-key="inner"' in trace and "data-attempt" in trace
