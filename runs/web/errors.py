@@ -31,8 +31,8 @@ def error_response(request: HttpRequest, status: int) -> HttpResponse:
     context = {"status": status, "title": title, "text": text, "path": request.path}
     if request.headers.get("HX-Request") == "true":
         html = render_to_string("errors/fragment.html", context)
-        response = HttpResponse(html, status=status)
-        # dex.js swaps a marked error response into #dex-error whatever the request's own target was.
+        # 200: htmx swaps no 4xx/5xx response; the status travels in X-Dex-Error, the notice to #dex-error.
+        response = HttpResponse(html)
         response["X-Dex-Error"] = str(status)
         response["HX-Retarget"] = "#dex-error"
         response["HX-Reswap"] = "innerHTML"

@@ -49,10 +49,10 @@ def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
 @require_GET
 @login_required
 def run_step(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    """The step inspector for `?step=<key>`: the region alone for htmx, else the whole page with it open (the
-    link a row carries works without JS, and the URL can be shared)."""
+    """The step inspector for `?step=<key>`: the region alone for htmx, else the whole run page with it open
+    (what a row's own link, `/runs/<id>/?step=<key>`, shows too)."""
     if not request.htmx:
-        return redirect(f"{reverse('run-detail', args=[run_id])}?{request.GET.urlencode()}")
+        return run_detail(request, run_id)
     run = fragments.run_get_or_none(run_id)
     if run is None:
         raise Http404("no such run")

@@ -168,29 +168,20 @@
   document.addEventListener("DOMContentLoaded", markInspected);
   document.addEventListener("htmx:afterSettle", markInspected);
 
-  // Errors of htmx requests (runs/web/errors.py): the dashboard's error notice goes into #dex-error, never into
-  // the region the request targeted; any other failed request (a proxy's page, the network) says so there too.
+  // Errors of htmx requests: the dashboard's own (runs/web/errors.py) come as a 200 notice retargeted to
+  // #dex-error; any other failed request (a proxy's error page, a timeout) is said there too, never swapped in.
   function showError(html) {
     var slot = document.getElementById("dex-error");
     if (slot) { slot.innerHTML = html; }
   }
-  document.addEventListener("htmx:beforeSwap", function (evt) {
-    var xhr = evt.detail.xhr;
-    if (!xhr || xhr.status < 400) { return; }
-    var slot = document.getElementById("dex-error");
-    if (xhr.getResponseHeader("X-Dex-Error") && slot) {
-      evt.detail.shouldSwap = true;
-      evt.detail.isError = false;
-      evt.detail.target = slot;
-      evt.detail.swapOverride = "innerHTML";
-    } else {
-      evt.detail.shouldSwap = false;
-      var p = document.createElement("p");
-      p.className = "notice notice-error";
-      p.textContent = "The request failed (" + xhr.status + " " + (xhr.statusText || "error") + ").";
-      showError(p.outerHTML);
-    }
+  document.addEventListener("htmx:responseError", function (evt) {
+    var xhr = evt.detail.xhr, p = document.createElement("p");
+    p.className = "notice notice-error";
+    p.textContent = "The request failed (" + (xhr ? xhr.status + " " + (xhr.statusText || "") : "error") + ").";
+    showError(p.outerHTML);
   });
+  // A later request that succeeds clears the notice of an earlier failure.
+  document.addEventListener("htmx:beforeRequest", function () { showError(""); });
   document.addEventListener("htmx:sendError", function () {
     showError('<p class="notice notice-error">The server can\'t be reached: check the connection and try again.</p>');
   });
