@@ -421,7 +421,7 @@ class Timeline:
             )
         return out
 
-    def ticks(self, count: int = 5) -> list[tuple[float, str]]:
+    def ticks(self, count: int = 4) -> list[tuple[float, str]]:
         """Tick marks of the axis: (percent, elapsed time label)."""
         if self.start is None:
             return [(0.0, "0 s")]
