@@ -69,7 +69,7 @@ def current_step_key() -> str | None:
 
 # LLM and HTTP client libraries log every request at INFO ("HTTP Request: POST …/v1/chat/completions"): the LLM
 # step already records the call, so below WARNING their lines stay out of the run's logs (their warnings stay in).
-QUIET_LOGGERS = frozenset({"httpx", "httpcore", "openai", "anthropic", "urllib3"})
+QUIET_LOGGERS = frozenset({"httpx", "httpx2", "httpcore", "openai", "anthropic", "urllib3"})
 
 
 class _CaptureHandler(logging.Handler):

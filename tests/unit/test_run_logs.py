@@ -21,6 +21,7 @@ def _chatty(ctx: Any) -> str:
     def call() -> str:
         logging.getLogger("httpx").info('HTTP Request: POST http://llm/v1/chat/completions "HTTP/1.1 200 OK"')
         logging.getLogger("openai._base_client").info("Retrying request to /chat/completions")
+        logging.getLogger("httpx2").info('HTTP Request: POST http://llm/v1/chat/completions "HTTP/1.0 200 OK"')
         logging.getLogger("httpx").warning("the connection pool is full")
         ctx.log.info("asked the model")
         return "ok"
