@@ -99,7 +99,7 @@
     var status = header && header.dataset.status;
     return !!status && ["completed", "failed", "canceled", "timed_out"].indexOf(status) < 0;
   }
-  function layoutTimeline(tl, live, now) {
+  function layoutTimeline(tl, live, now, axis) {
     var own = Array.prototype.filter.call(tl.querySelectorAll("[data-start]"), function (el) {
       return el.closest(".timeline") === tl && el.dataset.start;
     });
@@ -109,9 +109,11 @@
       if (!start || s < start) { start = s; }
       if (e > end) { end = e; }
     });
+    if (axis) { start = Math.min(start || axis.start, axis.start); end = Math.max(end, axis.end); }
     if (!start) { return false; }
     if (live) { end = Math.max(end, now); }
     var span = Math.max(end - start, 1);
+    tl.dexAxis = { start: start, end: end };
     own.forEach(function (el) {
       var s = Number(el.dataset.start), e = el.dataset.end ? Number(el.dataset.end) : now;
       var left = Math.min(Math.max((s - start) / span, 0), 1);
@@ -127,8 +129,11 @@
   }
   function layout() {
     var now = Date.now(), live = runLive(), again = false;
-    Array.prototype.forEach.call(document.querySelectorAll("[data-timeline], .child-timeline"), function (tl) {
-      again = layoutTimeline(tl, live && tl.hasAttribute("data-timeline"), now) || again;
+    // A nested child run's steps go on its parent's axis: one time axis for the whole trace.
+    var main = document.querySelector("[data-timeline]");
+    if (main) { again = layoutTimeline(main, live, now, null) || again; }
+    Array.prototype.forEach.call(document.querySelectorAll(".child-timeline"), function (tl) {
+      again = layoutTimeline(tl, false, now, main && main.dexAxis) || again;
     });
     // The header's duration ticks while the run goes on; its steps-done count follows the pushed rows.
     Array.prototype.forEach.call(document.querySelectorAll("[data-run-duration][data-started-at]"), function (el) {

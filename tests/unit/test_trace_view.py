@@ -133,7 +133,9 @@ def test_a_wait_is_drawn_as_a_wait_with_its_deadline_and_offers_no_fork(operator
     assert 'class="seg seg-wait seg-waiting" data-attempt="1" data-status="waiting"' in nap
     assert f'data-deadline="{int(deadline.timestamp() * 1000)}"' in nap and "sleeping until" in nap
     assert "seg-completed" not in nap and 'data-end=""' in nap  # open: it grows with the clock, not full green
-    assert "Fork from this step" not in get(operator, f"/runs/{run.pk}/", data={"step": "nap"})
+    napping = get(operator, f"/runs/{run.pk}/", data={"step": "nap"})
+    assert "Fork from this step" not in napping
+    assert 'hx-trigger="every 2s"' in napping  # the inspector of an unsettled step refreshes itself
     assert "Fork from this step" in get(operator, f"/runs/{run.pk}/", data={"step": "prep"})
     assert 'data-confirm="Cancel this run?' in html  # the cancel of a live run asks first
 
