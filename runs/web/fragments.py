@@ -171,8 +171,18 @@ def run_detail_context(
     run = run_detail_get_or_none(run_id)
     if run is None:
         return None
-    steps: list[Step | PendingStep] = list(Step.objects.filter(run_id=run.pk).order_by("-seq")[:STEPS_LIMIT])
-    steps.reverse()
+    last = Step.objects.filter(run_id=run.pk).order_by("-seq")[:STEPS_LIMIT]
+    inspected_row: Step | None = None
+    if step_key:
+        # The inspected step comes with the same statement, also when it is older than the steps shown.
+        rows = {row.pk: row for row in last.union(Step.objects.filter(run_id=run.pk, key=step_key), all=True)}
+        ordered = sorted(rows.values(), key=lambda row: row.seq)
+        inspected_row = next((row for row in ordered if row.key == step_key), None)
+        if len(ordered) > STEPS_LIMIT:
+            ordered = ordered[1:]  # the one row past the last STEPS_LIMIT: the inspected step, not drawn
+    else:
+        ordered = list(last)[::-1]
+    steps: list[Step | PendingStep] = list(ordered)
     logs = list(LogLine.objects.filter(run_id=run.pk).order_by("-id")[:LOG_LINES_LIMIT])
     logs.reverse()
     tokens: dict[str, str] = {}
@@ -187,11 +197,10 @@ def run_detail_context(
             step_logs.setdefault(line.step_key, []).append(line)
     inspected = None
     if step_key:
-        inspected = next((s for s in steps if s.key == step_key and isinstance(s, Step)), None)
         # The step's log lines are among the run's last ones unless the run logged more than the page shows.
         known = step_logs.get(step_key, []) if run.log_count <= LOG_LINES_LIMIT else None
         inspected = step_inspector_context(
-            run, step_key, step=inspected, can_operate=can_operate, tokens=tokens, logs=known
+            run, step_key, step=inspected_row, can_operate=can_operate, tokens=tokens, logs=known, step_read=True
         )
     return {
         "run": run,
@@ -478,10 +487,11 @@ def step_inspector_context(
     can_operate: bool = False,
     tokens: dict[str, str] | None = None,
     logs: list[LogLine] | None = None,
+    step_read: bool = False,
 ) -> dict[str, Any]:
     """What the inspector shows of one step: the step, its log lines, its streamed text (each read unless
     given). At most three queries."""
-    if step is None:
+    if step is None and not step_read:  # step_read: the caller looked it up already (None: there is none)
         step = step_get_or_none(run.pk, key)
     if logs is None:
         logs = list(LogLine.objects.filter(run_id=run.pk, step_key=key).order_by("-id")[:LOG_LINES_LIMIT])
