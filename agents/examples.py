@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from typing import Annotated
+
+from pydantic import Field
 
 from runs.sdk import NonRetriableError, Retry, task
 
@@ -14,7 +17,12 @@ def _fingerprint(text: str) -> str:
 
 
 @task("hello-steps", retry=Retry(attempts=3, initial=0.5))
-def hello_steps(ctx, name: str = "world", steps: int = 5, delay: float = 0.3) -> dict:
+def hello_steps(
+    ctx,
+    name: Annotated[str, Field(min_length=1, max_length=100, examples=["world"])] = "world",
+    steps: Annotated[int, Field(ge=1, le=100, description="How many greetings.")] = 5,
+    delay: Annotated[float, Field(ge=0, le=10, description="Seconds between greetings.")] = 0.3,
+) -> dict:
     """Greets `name` in `steps` steps, one every `delay` seconds, reporting progress as metadata."""
     greetings = []
     for i in range(steps):

@@ -153,6 +153,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Innermost: replaces Django's DEBUG pages with the dashboard's own (runs/web/errors.py).
+    "runs.web.errors.DebugPageMiddleware",
 ]
 
 ROOT_URLCONF = "dexweb.urls"

@@ -13,6 +13,12 @@ def api_not_found(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"error": {"code": "not_found", "message": message}}, status=404)
 
 
+# The dashboard's own error pages (runs/web/errors.py; with DEBUG on, its middleware stands in for these).
+handler400 = "runs.web.errors.bad_request"
+handler403 = "runs.web.errors.permission_denied"
+handler404 = "runs.web.errors.page_not_found"
+handler500 = "runs.web.errors.server_error"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("metrics", metrics_view, name="metrics"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
@@ -53,6 +53,7 @@ def run_list(
     cursor: str | None = None,
     search: str | None = None,
     limit: int = RUN_LIST_DEFAULT_LIMIT,
+    top_level: bool = False,
 ) -> RunPage:
     """Runs newest first, `limit` at a time (at most RUN_LIST_MAX_LIMIT).
 
@@ -72,6 +73,7 @@ def run_list(
         created_after=created_after,
         created_before=created_before,
         search=search or "",
+        top_level=top_level,
     )
     runs = run_queryset(filters=filters).defer("payload", "output").order_by("-id")
     if cursor:
@@ -95,10 +97,12 @@ class RunListFilters:
     search: str = ""
     # The code version the run started on (ctx.patched; DESIGN §2).
     version: str = ""
+    # Only runs without a parent: the dashboard's list nests child runs under their parent (DESIGN §6).
+    top_level: bool = False
 
     @property
     def is_empty(self) -> bool:
-        return self == RunListFilters()
+        return replace(self, top_level=False) == RunListFilters()
 
     def matches(self, run: Run) -> bool:
         """Whether `run` passes these filters: the live run list decides in memory whether a pushed run belongs
@@ -115,6 +119,8 @@ class RunListFilters:
             return False
         if self.version and run.code_version != self.version:
             return False
+        if self.top_level and run.parent_id is not None:
+            return False
         if self.search:
             return self.search in (str(run.pk), run.idempotency_key)
         return True
@@ -123,6 +129,8 @@ class RunListFilters:
 def run_queryset(*, filters: RunListFilters) -> QuerySet[Run]:
     """The runs passing `filters`, unordered and unsliced (the run list pages it; bulk actions cap it)."""
     runs = Run.objects.all()
+    if filters.top_level:
+        runs = runs.filter(parent__isnull=True)
     if filters.statuses:
         runs = runs.filter(status__in=list(filters.statuses))
     if filters.task_id:

@@ -11,6 +11,7 @@ view, selectors, templates) by a logged-in operator, one Client per database:
   list_status  `/?status=failed`       a status filter
   list_deep    `/?cursor=<id>`         a page 90 % of the way down (keyset cursor)
   detail       `/runs/<id>/`           a run of 10 steps
+  detail_2000  `/runs/<id>/`           a run of 2,000 steps (one such run per database, made at first use)
 The two sizes alternate (small, large, small, …) after a warm-up; 5 repeats of `rounds` rounds, each round
 fetching every page once. Per repeat: the p95 of the list pages' times at each size; `ratio_p95_100k_vs_1k`
 is paired per repeat, median with min–max.
@@ -89,6 +90,7 @@ def run(env: BenchEnv) -> dict:
     ]
     series["detail_p95_ms_100k"] = [_pct(rep["detail"], 95) for rep in samples["large"]]
     series["detail_p95_ms_1k"] = [_pct(rep["detail"], 95) for rep in samples["small"]]
+    series["detail_2000_steps_p95_ms_100k"] = [_pct(rep["detail_2000"], 95) for rep in samples["large"]]
     spreads = {name: spread(values) for name, values in series.items()}
     counts = {label: {page: len(sqls) for page, sqls in pages.items()} for label, pages in queries.items()}
     figures: dict[str, Any] = {
@@ -240,6 +242,7 @@ class Database:
             "list_status": "/?status=failed",
             "list_deep": f"/?cursor={deep}",
             "detail": f"/runs/{middle}/",
+            "detail_2000": f"/runs/{_long_run()}/",
         }
 
     def fetch(self, page: str) -> float:
@@ -260,6 +263,42 @@ class Database:
         with CaptureQueriesContext(connection) as captured:
             self.fetch(page)
         return [q["sql"] for q in captured.captured_queries]
+
+
+# The run page of a long run: 2,000 steps. Its id is the smallest UUIDv7 there is, so it sorts last in the run
+# list and moves none of the list pages.
+LONG_RUN_ID = "00000000-0000-7000-8000-000000002000"
+LONG_RUN_STEPS = 2_000
+
+
+def _long_run() -> str:
+    """The id of the 2,000-step run, made (once per database) through the ORM."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from runs.models import Run, Step, StepStatus
+
+    t0 = timezone.now() - timedelta(days=30)
+    run, _ = Run.objects.get_or_create(
+        pk=LONG_RUN_ID,
+        defaults={"task_id": "bench-long", "status": "completed", "started_at": t0, "finished_at": t0},
+    )
+    if Step.objects.filter(run=run).count() < LONG_RUN_STEPS:
+        Step.objects.filter(run=run).delete()
+        Step.objects.bulk_create(
+            Step(
+                run=run,
+                seq=i,
+                key=f"s{i}",
+                status=StepStatus.COMPLETED,
+                started_at=t0 + timedelta(milliseconds=10 * i),
+                finished_at=t0 + timedelta(milliseconds=10 * i + 5),
+                output=i,
+            )
+            for i in range(LONG_RUN_STEPS)
+        )
+    return LONG_RUN_ID
 
 
 def _defaults(model: Any, explicit: set[str]) -> tuple[list[str], list[Any]]:

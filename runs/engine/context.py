@@ -67,12 +67,19 @@ def current_step_key() -> str | None:
     return scope[1] if scope is not None else None
 
 
+# LLM and HTTP client libraries log every request at INFO ("HTTP Request: POST …/v1/chat/completions"): the LLM
+# step already records the call, so below WARNING their lines stay out of the run's logs (their warnings stay in).
+QUIET_LOGGERS = frozenset({"httpx", "httpx2", "httpcore", "openai", "anthropic", "urllib3"})
+
+
 class _CaptureHandler(logging.Handler):
     """Puts log records emitted while a run's code runs onto that run (and its current step)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         scope = current_scope.get()
         if scope is None:
+            return
+        if record.levelno < logging.WARNING and record.name.partition(".")[0] in QUIET_LOGGERS:
             return
         ctx, step_key = scope
         try:

@@ -146,7 +146,8 @@ class Task:
 
     @cached_property
     def _hints(self) -> dict[str, Any]:
-        return typing.get_type_hints(self.fn)
+        # include_extras: `Annotated[int, Field(ge=1)]` keeps its constraints (the payload model, the form).
+        return typing.get_type_hints(self.fn, include_extras=True)
 
     @cached_property
     def model_param(self) -> str | None:

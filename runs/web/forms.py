@@ -12,10 +12,12 @@ import enum
 import json
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 from django import forms
+from django.core.validators import RegexValidator
 from pydantic_core import PydanticUndefined
 
 from runs.models import ApiKeyScope, Schedule, apikey_all_scopes
@@ -27,6 +29,108 @@ PAYLOAD_PREFIX = "payload"
 OPTIONS_PREFIX = "run"
 
 _SCALARS: dict[type, type[forms.Field]] = {str: forms.CharField, int: forms.IntegerField, float: forms.FloatField}
+
+# A text field without a max_length of its own still has one: a form field is no way to send megabytes (the API
+# is), and a huge one must be a form error, not a failed request.
+TEXT_MAX_CHARS = 100_000
+# A text field gets a multi-line box when its type says so (`json_schema_extra={"format": "textarea"}`), when it
+# may be longer than this, or when its name says it holds prose or code.
+TEXTAREA_MIN_MAX_LENGTH = 300
+TEXTAREA_NAMES = frozenset({"diff", "patch", "text", "message", "body", "prompt", "content", "code", "document"})
+
+
+@dataclass
+class Constraints:
+    """What `Annotated[...]` / `Field(...)` say about a value: bounds, lengths, a pattern, a multiple."""
+
+    ge: Any = None
+    gt: Any = None
+    le: Any = None
+    lt: Any = None
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    multiple_of: Any = None
+
+    @classmethod
+    def of(cls, info: pydantic.fields.FieldInfo) -> Constraints:
+        found = cls()
+        for item in info.metadata:
+            for name in ("ge", "gt", "le", "lt", "min_length", "max_length", "pattern", "multiple_of"):
+                value = getattr(item, name, None)
+                if value is not None:
+                    setattr(found, name, value)
+        return found
+
+    def describe(self) -> str:
+        parts = []
+        if self.ge is not None:
+            parts.append(f"≥ {self.ge}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt}")
+        if self.le is not None:
+            parts.append(f"≤ {self.le}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt}")
+        if self.multiple_of is not None:
+            parts.append(f"a multiple of {self.multiple_of}")
+        if self.min_length is not None and self.max_length is not None:
+            parts.append(f"{self.min_length}–{self.max_length} characters")
+        elif self.min_length is not None:
+            parts.append(f"at least {self.min_length} characters")
+        elif self.max_length is not None:
+            parts.append(f"at most {self.max_length} characters")
+        if self.pattern:
+            parts.append(f"matching {self.pattern}")
+        return ", ".join(parts)
+
+
+def _is_textarea(name: str, info: pydantic.fields.FieldInfo, max_length: int) -> bool:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if extra.get("format") in ("textarea", "multiline") or extra.get("multiline"):
+        return True
+    return max_length > TEXTAREA_MIN_MAX_LENGTH or name.lower() in TEXTAREA_NAMES
+
+
+def _scalar_field(
+    name: str, annotation: type, info: pydantic.fields.FieldInfo, common: dict[str, Any], default: Any
+) -> forms.Field:
+    """A text or number field with the constraints of its type: checked here first (a form error on the field
+    and a hint beside it), and again by the payload model, whose errors land on the same field."""
+    limits = Constraints.of(info)
+    hint = limits.describe()
+    if info.examples:
+        hint = "; ".join(filter(None, [hint, "e.g. " + ", ".join(str(e) for e in info.examples[:3])]))
+    if hint:
+        common = {**common, "help_text": "; ".join(filter(None, [common["help_text"], hint]))}
+    if annotation is str:
+        max_length = min(limits.max_length or TEXT_MAX_CHARS, TEXT_MAX_CHARS)
+        validators = [RegexValidator(limits.pattern, f"Must match {limits.pattern}.")] if limits.pattern else []
+        # A required text field must say something; whitespace alone is empty (Django strips it).
+        field = TextField(
+            **common, initial=default, max_length=max_length, min_length=limits.min_length, validators=validators
+        )
+        if _is_textarea(name, info, max_length):
+            field.widget = forms.Textarea(
+                attrs={"rows": 10, "spellcheck": "false", **field.widget_attrs(forms.Textarea())}
+            )
+        return field
+    kwargs: dict[str, Any] = {"initial": default}
+    minimum = limits.ge if limits.ge is not None else limits.gt
+    maximum = limits.le if limits.le is not None else limits.lt
+    if annotation is int:
+        # For integers a strict bound is the next integer inward: "> 0" is "≥ 1".
+        if limits.gt is not None and limits.ge is None:
+            minimum = int(limits.gt) + 1
+        if limits.lt is not None and limits.le is None:
+            maximum = int(limits.lt) - 1
+        kwargs.update(min_value=minimum, max_value=maximum)
+    else:
+        # A strict float bound is checked by the model; the field only refuses what is outside the closed one.
+        kwargs.update(min_value=minimum, max_value=maximum)
+    if limits.multiple_of is not None:
+        kwargs["step_size"] = limits.multiple_of
+    return _SCALARS[annotation](**common, **kwargs)
 
 
 def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -48,6 +152,14 @@ class JSONTextField(forms.JSONField):
 
     def prepare_value(self, value: Any) -> Any:
         return "" if value is None else super().prepare_value(value)
+
+
+class TextField(forms.CharField):
+    """Text as typed: a browser sends a textarea's line breaks as CRLF, which a diff or a prompt must not get."""
+
+    def to_python(self, value: Any) -> str:
+        text = super().to_python(value)
+        return text.replace("\r\n", "\n") if isinstance(text, str) else text
 
 
 class LinesField(forms.CharField):
@@ -84,7 +196,7 @@ def _form_field(name: str, info: pydantic.fields.FieldInfo) -> forms.Field:
         initial = str(default.value) if isinstance(default, enum.Enum) else default
         return forms.ChoiceField(**common, choices=([("", "—")] if not required else []) + choices, initial=initial)
     if annotation in _SCALARS:
-        return _SCALARS[annotation](**common, initial=default)
+        return _scalar_field(name, annotation, info, common, default)
     if origin in (list, tuple, set, frozenset):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         if args and all(a in _SCALARS for a in args):
@@ -123,10 +235,28 @@ class PayloadForm(forms.Form):
                     (v if isinstance(v, str) else json.dumps(v)): v for v in typing.get_args(annotation)
                 }
 
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        for name, value in list(cleaned.items()):
+            # Postgres can't store a NUL in text or JSON: refused here, on its field, not by the database.
+            if _has_nul(value):
+                self.add_error(name, "Null characters are not allowed.")
+        if self.errors:
+            # Some fields failed their own checks, so the view won't ask the model: ask it here about the others,
+            # so that every error shows at once rather than one round trip each.
+            try:
+                self.model.model_validate(self._payload_of(self.cleaned_data))
+            except pydantic.ValidationError as exc:
+                payload_errors_to_form(self, exc)
+        return self.cleaned_data
+
     def payload(self) -> dict[str, Any]:
         """The payload for the model: fields left empty are left out, so the model's defaults apply."""
+        return self._payload_of(self.cleaned_data)
+
+    def _payload_of(self, cleaned: dict[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {}
-        for name, value in self.cleaned_data.items():
+        for name, value in cleaned.items():
             if name in self.literal_fields:
                 if value in ("", None):
                     continue
@@ -135,6 +265,16 @@ class PayloadForm(forms.Form):
                 continue
             data[name] = value
         return data
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class TriggerOptionsForm(forms.Form):
@@ -153,10 +293,13 @@ class TriggerOptionsForm(forms.Form):
 
 
 def payload_errors_to_form(form: forms.Form, exc: pydantic.ValidationError) -> None:
-    """Put each pydantic error on the form field its location starts with (else on the form itself)."""
+    """Put each pydantic error on the form field its location starts with (else on the form itself); a field
+    that already has an error keeps that one (the model only misses the value the field refused)."""
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         message = error["msg"]
+        if loc and loc[0] in form.errors:
+            continue
         if loc and loc[0] in form.fields:
             if len(loc) > 1:
                 message = f"{'.'.join(loc[1:])}: {message}"

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pydantic
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
@@ -79,7 +80,8 @@ def _task_or_404(task_id: str) -> Task:
 
 
 def _task_options(task: Task) -> list[tuple[str, str]]:
-    options = [("queue", task.queue or "default"), ("retry", f"{task.retry.attempts} attempts")]
+    # A task without its own queue goes to the default one, which the workers consume by its name.
+    options = [("queue", task.queue or settings.DEX_DEFAULT_QUEUE), ("retry", f"{task.retry.attempts} attempts")]
     if task.concurrency:
         options.append(
             ("concurrency", f"{task.concurrency}" + (f" per {task.concurrency_key}" if task.concurrency_key else ""))

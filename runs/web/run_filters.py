@@ -29,7 +29,7 @@ class RunFilterForm(forms.Form):
         """The filters this form asks for; fields that didn't validate are ignored (a bookmarked URL with a
         bad date still shows the list)."""
         if not self.is_bound:
-            return RunListFilters()
+            return RunListFilters(top_level=True)
         self.is_valid()  # a field that doesn't validate is left out of cleaned_data
         data = self.cleaned_data
         after, before = data.get("created_after"), data.get("created_before")
@@ -42,6 +42,8 @@ class RunFilterForm(forms.Form):
             created_after=_start_of(after) if after else None,
             created_before=_start_of(before + timedelta(days=1)) if before else None,
             search=(data.get("q") or "").strip(),
+            # Child runs show under their parent; a search for one, or its task, finds it on its own.
+            top_level=not (data.get("q") or "").strip() and not (data.get("task") or "").strip(),
         )
 
 

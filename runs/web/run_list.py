@@ -46,9 +46,11 @@ def run_list(request: HtmxHttpRequest) -> HttpResponse:
             search=filters.search,
             cursor=cursor,
             limit=fragments.RUN_LIST_LIMIT,
+            top_level=filters.top_level,
         )
     except selectors.InvalidCursor:
         return HttpResponseBadRequest("not a cursor from a previous page")
+    fragments.annotate_child_counts(page.items)
     filter_qs = filter_querystring(request.GET)
     context = {
         "runs": page.items,
@@ -68,6 +70,14 @@ def run_list(request: HtmxHttpRequest) -> HttpResponse:
     else:
         context["counters"] = fragments.run_list_counters()
     return render(request, template_name, context)
+
+
+@require_GET
+@login_required
+def run_children(request: HtmxHttpRequest, run_id: UUID) -> HttpResponse:
+    """A run's child runs, nested under its row in the list (loaded when the row is expanded)."""
+    children = fragments.run_children(run_id)
+    return render(request, f"{fragments.RUN_LIST_TEMPLATE}#run-children", {"children": children, "parent_id": run_id})
 
 
 @require_POST

@@ -39,10 +39,37 @@ from runs.web.permissions import operator_required
 @require_GET
 @login_required
 def run_detail(request: HttpRequest, run_id: UUID) -> HttpResponse:
-    context = fragments.run_detail_context(run_id, can_operate=is_operator(request.user))
+    step_key = request.GET.get("step") or None
+    context = fragments.run_detail_context(run_id, can_operate=is_operator(request.user), step_key=step_key)
     if context is None:
         raise Http404("no such run")
     return render(request, fragments.RUN_DETAIL_TEMPLATE, context)
+
+
+@require_GET
+@login_required
+def run_step(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    """The step inspector for `?step=<key>`: the region alone for htmx, else the whole run page with it open
+    (what a row's own link, `/runs/<id>/?step=<key>`, shows too)."""
+    if not request.htmx:
+        return run_detail(request, run_id)
+    run = fragments.run_get_or_none(run_id)
+    if run is None:
+        raise Http404("no such run")
+    key = request.GET.get("step") or ""
+    inspector = fragments.step_inspector_context(run, key, can_operate=is_operator(request.user)) if key else None
+    return HttpResponse(fragments.render_step_inspector(run, inspector, request=request))
+
+
+@require_GET
+@login_required
+def run_trace(request: HttpRequest, run_id: UUID) -> HttpResponse:
+    """A (child) run's steps on its own time axis: what a child nested in its parent's trace expands to."""
+    run = fragments.run_get_or_none(run_id)
+    if run is None:
+        raise Http404("no such run")
+    steps = list(Step.objects.filter(run_id=run.pk).order_by("seq")[: fragments.STEPS_LIMIT])
+    return HttpResponse(fragments.render_child_trace(run, steps))
 
 
 # --- actions ------------------------------------------------------------------------------------------------

@@ -202,9 +202,23 @@ def context(stack: Stack, request: pytest.FixtureRequest) -> Iterator[BrowserCon
         ctx.close()
 
 
+# A browser's own complaint about a socket that went away (the daphne restart test), and the htmx ws extension
+# logging that socket's error event, are not page errors.
+CONSOLE_NOISE = re.compile(r"WebSocket connection to|Failed to load resource|^\[object Event\]$")
+
+
 @pytest.fixture
-def page(context: BrowserContext) -> Page:
-    return context.new_page()
+def page(context: BrowserContext) -> Iterator[Page]:
+    """A page whose console errors (htmx's `htmx:oobErrorNoTarget`, CSP refusals, uncaught exceptions) fail the
+    test that made them."""
+    page = context.new_page()
+    errors: list[str] = []
+    page.on(
+        "console", lambda msg: msg.type == "error" and not CONSOLE_NOISE.search(msg.text) and errors.append(msg.text)
+    )
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    yield page
+    assert not errors, f"console errors: {errors}"
 
 
 def login(page: Page, username: str) -> None:
@@ -324,10 +338,12 @@ def test_a_failed_steps_traceback_is_shown_and_retry_resumes_from_it(
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-failed\b"), timeout=LIVE)
     bad = page.locator(f"#run-{run.pk}-steps > .step[data-key='bad']")
     expect(bad).to_have_class(re.compile(r"\bstep-failed\b"))
-    expect(bad).to_contain_text("the step is broken")
-    traceback = bad.locator(".traceback").first
-    if not traceback.is_visible():  # a single error keeps its traceback behind a <summary>
-        bad.get_by_text("Traceback", exact=True).first.click()
+    expect(bad.locator("[data-attempt][data-status=failed]")).to_have_count(2)  # Retry(attempts=2): both drawn
+    bad.locator(".step-label").click()  # the inspector opens beside the trace, and the URL says which step
+    expect(page).to_have_url(re.compile(r"\?step=bad$"))
+    inspector = page.locator("[data-step-inspector]")
+    expect(inspector).to_contain_text("the step is broken")
+    traceback = inspector.locator(".traceback").last
     expect(traceback).to_be_visible()
     expect(traceback).to_contain_text("ValueError: the step is broken")
     expect(traceback).to_contain_text('raise ValueError("the step is broken")')
@@ -374,11 +390,30 @@ def test_cancel_stops_a_sleeping_run(stack: Stack, page: Page, users: dict[str, 
     page.goto(f"/runs/{run.pk}/")
     wait_live(page)
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-waiting\b"), timeout=LIVE)
+    nap = page.locator(f"#run-{run.pk}-steps > .step[data-key='nap']")
+    expect(nap.locator("[data-attempt][data-status=waiting].seg-wait")).to_have_count(1)  # a wait, not a green bar
+    expect(nap).to_contain_text("until")
 
-    page.get_by_role("button", name="Cancel").click()
+    questions: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        questions.append(dialog.message)
+        if len(questions) == 1:
+            dialog.dismiss()  # first: "no" — nothing happens
+        else:
+            dialog.accept()
+
+    page.on("dialog", answer)
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    wait_for(lambda: questions, timeout=10, what="the confirm")
+    assert questions[0].startswith("Cancel this run?")
+    assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING
+    page.get_by_role("button", name="Cancel", exact=True).click()
 
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-canceled\b"), timeout=LIVE)
-    expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
+    expect(page.get_by_role("button", name="Cancel", exact=True)).to_have_count(0)
+    expect(page.get_by_role("button", name="Resume canceled run")).to_be_visible()
+    expect(page.get_by_role("button", name=re.compile("^Retry from failed step"))).to_have_count(0)
     assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELED
     assert ledger_lines(tmp_path / "l.txt") == ["before"]
 
@@ -521,7 +556,10 @@ def test_a_page_opened_mid_stream_shows_the_text_so_far_then_follows_it_live(
         what="more streamed text",
     )
     expect(draft).to_have_class(re.compile(r"\bstep-completed\b"), timeout=LIVE)
-    expect(draft.locator(".llm-text")).to_have_text(SLOW_REPLY, timeout=LIVE)
+    draft.locator(".step-label").click()
+    inspector = page.locator("[data-step-inspector]")
+    expect(inspector.locator(".llm-text")).to_have_text(SLOW_REPLY, timeout=LIVE)
+    expect(inspector).to_contain_text("Answered by")
     expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
 
 
@@ -537,9 +575,10 @@ def test_fork_with_an_edited_output_and_replay_with_an_edited_payload_from_the_r
 
     # Fork from s3 with s2's output edited to 20: s1 and s2 are reused, only s3 runs again (1 + 20 + 3).
     s3 = page.locator(f"#run-{run.pk}-steps > .step[data-key='s3']")
-    s3.locator("summary.step-line").click()
-    s3.locator("textarea[name=output]").fill("20")
-    s3.get_by_role("button", name="Fork from this step").click()
+    s3.locator(".step-label").click()
+    inspector = page.locator("[data-step-inspector][data-inspected-key=s3]")
+    inspector.locator("textarea[name=output]").fill("20")
+    inspector.get_by_role("button", name="Fork from this step").click()
     expect(page).not_to_have_url(re.compile(str(run.pk)))
     fork_id = run_id_from_url(page)
     expect(page.locator(f"#run-{fork_id}-header")).to_contain_text(f"Forked from{run.pk} at s3")
@@ -586,3 +625,183 @@ def test_the_list_shows_new_runs_live_and_a_bulk_cancel_by_filter_counts_first(
         expect(page.locator(f"#run-{run.pk}")).to_contain_text("Canceled", timeout=LIVE)
     assert Run.objects.get(pk=other.pk).status == RunStatus.WAITING
     services.run_cancel(run=Run.objects.get(pk=other.pk), by=Actor.system("tests"))
+
+
+# --- the trace view (DESIGN.md §6 hooks) -----------------------------------------------------------------------
+
+TRACE_SHAPE = """(runId) => {
+    const timeline = document.getElementById(`run-${runId}-steps`);
+    const rows = [...timeline.querySelectorAll(':scope > [data-step-key]')];
+    return rows.map((row) => {
+        const track = row.querySelector('[data-track]').getBoundingClientRect();
+        return {
+            key: row.dataset.stepKey,
+            status: row.dataset.status,
+            trackX: Math.round(track.left),
+            trackW: Math.round(track.width),
+            segments: [...row.querySelectorAll('[data-attempt]')].map((seg) => ({
+                attempt: seg.dataset.attempt,
+                status: seg.dataset.status,
+                left: parseFloat(seg.style.left),
+                width: parseFloat(seg.style.width),
+            })),
+        };
+    });
+}"""
+
+
+def test_the_trace_is_live_on_one_axis_and_looks_the_same_as_a_reload_at_the_end(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    login(page, "victor")
+    run, _ = services.run_trigger(task_id="t-ten-steps", payload={"ledger": str(tmp_path / "l.txt"), "pause": 0.4})
+    page.goto(f"/runs/{run.pk}/")
+    wait_live(page)
+    header = page.locator("[data-run-header]")
+
+    # While it runs, the header keeps up: steps done grow and the duration ticks (no reload, no run event).
+    done = header.locator("[data-run-steps-completed]")
+    wait_js(
+        page,
+        "() => { const h = document.querySelector('[data-run-header]'); return h.dataset.status === 'running'"
+        " && Number(h.querySelector('[data-run-steps-completed]').textContent) >= 3; }",
+        what="three steps done while running",
+    )
+    first = header.locator("[data-run-duration]").text_content()
+    wait_js(
+        page,
+        "(t) => document.querySelector('[data-run-duration]').textContent !== t",
+        first,
+        what="the duration to tick",
+    )
+    expect(header_status(page, run.pk)).to_have_class(re.compile(r"\bstatus-completed\b"), timeout=LIVE)
+    expect(done).to_have_text("10")
+
+    live = page.evaluate(TRACE_SHAPE, str(run.pk))
+    page.reload()
+    reloaded = page.evaluate(TRACE_SHAPE, str(run.pk))
+    assert len(live) == 10 and [r["key"] for r in live] == [r["key"] for r in reloaded]
+    # Rows aligned: every track starts at the same x and has the same width.
+    assert len({(r["trackX"], r["trackW"]) for r in reloaded}) == 1, reloaded
+    for seen, fresh in zip(live, reloaded, strict=True):
+        assert [(s["attempt"], s["status"]) for s in seen["segments"]] == [("1", "completed")]
+        assert abs(seen["segments"][0]["left"] - fresh["segments"][0]["left"]) < 2.5, (seen, fresh)
+        assert abs(seen["segments"][0]["width"] - fresh["segments"][0]["width"]) < 2.5, (seen, fresh)
+    # One time axis, not a scale per row: the steps follow each other left to right with similar widths.
+    lefts = [r["segments"][0]["left"] for r in reloaded]
+    assert lefts == sorted(lefts) and lefts[-1] > 75, lefts
+    widths = [r["segments"][0]["width"] for r in reloaded]
+    assert max(widths) < 3 * min(widths), widths
+    expect(page.locator(f"#run-{run.pk}-steps .axis .tick").last).not_to_have_text("0 ms")
+
+
+def test_retries_show_each_attempt_and_child_runs_nest_and_expand(
+    stack: Stack, page: Page, users: dict[str, Any], tmp_path: Path
+) -> None:
+    login(page, "victor")
+    flaky, _ = services.run_trigger(task_id="t-flaky", payload={"ledger": str(tmp_path / "l.txt"), "failures": 2})
+    # One child per fan-out: two children finishing at the same instant have been seen to leave their parent
+    # waiting for a later wake-up (an engine matter this test is not about).
+    parent, _ = services.run_trigger(task_id="t-parent", payload={"n": 1})
+    for run in (flaky, parent):
+        wait_for(lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED, timeout=30, what="done")
+
+    page.goto(f"/runs/{flaky.pk}/")
+    wait_live(page)
+    row = page.locator(f"#run-{flaky.pk}-steps > [data-step-key='flaky']")
+    statuses = row.locator("[data-attempt]").evaluate_all("(els) => els.map((e) => e.dataset.status)")
+    assert statuses == ["failed", "failed", "completed"], statuses
+    expect(row.locator("[data-backoff]")).to_have_count(2)
+    expect(row.locator("[data-attempt][data-status=failed]").first).to_have_attribute(
+        "title", re.compile("boom on attempt 1")
+    )
+    row.locator(".step-label").click()
+    inspector = page.locator("[data-step-inspector][data-inspected-key=flaky]")
+    expect(inspector.locator(".attempt-error")).to_have_count(2)
+    expect(inspector).to_contain_text("ConnectionError: boom on attempt 2")
+    shoot(page, "trace-inspector.png", docs_name="trace-inspector.png")
+
+    page.goto(f"/runs/{parent.pk}/")
+    wait_live(page)  # the snapshot sent on connect replaces the trace: expand what it brought
+    squares = page.locator(f"#run-{parent.pk}-steps > [data-step-key='squares']")
+    children = squares.locator("[data-run-id]")
+    expect(children).to_have_count(1)
+    children.first.locator("summary").click()
+    expect(children.first.locator("[data-step-key='square'] [data-attempt]")).to_have_count(1)
+    shoot(page, "trace-children.png", docs_name="trace-children.png")
+
+    # The list shows child runs under their parent, not as top-level rows.
+    page.goto("/")
+    expect(page.locator(f"#run-{parent.pk}")).to_be_visible()
+    child_ids = list(Run.objects.filter(parent=parent).values_list("pk", flat=True))
+    for child_id in child_ids:
+        expect(page.locator(f"#run-{child_id}")).to_have_count(0)
+
+
+def test_the_inspector_opens_from_a_shared_link_without_js(stack: Stack, users: dict[str, Any], tmp_path: Path) -> None:
+    run, _ = services.run_trigger(task_id="t-fails", payload={"ledger": str(tmp_path / "l.txt")})
+    wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.FAILED, timeout=30, what="the run to fail")
+    ctx = stack.browser.new_context(base_url=stack.daphne.url, viewport=VIEWPORT, java_script_enabled=False)
+    try:
+        page = ctx.new_page()
+        page.goto("/login/")
+        page.locator("input[name=username]").fill("victor")
+        page.locator("input[name=password]").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.goto(f"/runs/{run.pk}/?step=bad")
+        inspector = page.locator("[data-step-inspector][data-inspected-key=bad]")
+        expect(inspector).to_contain_text("ValueError")
+        expect(inspector.locator(".traceback").last).to_contain_text("the step is broken")
+        # Another row's link opens that step, as a plain link.
+        page.locator(f"#run-{run.pk}-steps > [data-step-key='ok'] .step-label").click()
+        expect(page).to_have_url(re.compile(r"\?step=ok$"))
+        expect(page.locator("[data-step-inspector][data-inspected-key=ok]")).to_contain_text("Completed")
+    finally:
+        ctx.close()
+
+
+# --- forms and error pages --------------------------------------------------------------------------------------
+
+
+def test_trigger_forms_follow_the_signature_and_bad_input_is_a_form_error(
+    stack: Stack, page: Page, users: dict[str, Any]
+) -> None:
+    login(page, "olga")
+    page.goto("/tasks/hello-steps/")
+    expect(page.locator(".description code").first).to_have_text("name")  # the docstring, as Markdown
+    expect(page.locator(".facts").first).to_contain_text(stack.daphne.env["DEX_DEFAULT_QUEUE"])  # the queue consumed
+    page.locator("[name='payload-steps']").fill("-5")
+    page.locator("[name='payload-delay']").fill("-1")
+    page.get_by_role("button", name="Trigger").click()
+    # The server's form errors, every one at once (not the browser's own check, not a run that fails later).
+    trigger = page.locator("#trigger")
+    expect(trigger.locator(".has-errors")).to_have_count(2)
+    expect(trigger).to_contain_text("greater than or equal to 1")
+    expect(trigger).to_contain_text("greater than or equal to 0")
+    assert not Run.objects.filter(task_id="hello-steps").exists()
+
+    # A multi-line diff goes in a textarea and arrives as typed; left empty, the server says it is required.
+    page.goto("/tasks/code-review-agent/")
+    page.get_by_role("button", name="Trigger").click()
+    expect(page.locator("#trigger .has-errors")).to_contain_text("This field is required")
+    diff = page.locator("textarea[name='payload-diff']")
+    diff.fill("--- a/x.py\n+++ b/x.py\n@@ -0,0 +1 @@\n+x = eval(y)\n")
+    # A field of 1.2 MB: the dashboard's "bad request" notice in the page, not a debug page swapped into the form.
+    diff.evaluate("(el) => { el.value = 'x'.repeat(1200000); }")
+    page.get_by_role("button", name="Trigger").click()
+    expect(page.locator("#dex-error")).to_contain_text("Bad request")
+    expect(page.locator("#trigger form")).to_be_visible()
+    diff.fill("--- a/x.py\n+++ b/x.py\n@@ -0,0 +1 @@\n+x = eval(y)\n")
+    page.get_by_role("button", name="Trigger").click()
+    expect(page).to_have_url(re.compile(r"/runs/[0-9a-f-]{36}/$"))
+    payload = Run.objects.get(pk=run_id_from_url(page)).payload
+    assert payload["diff"].splitlines() == ["--- a/x.py", "+++ b/x.py", "@@ -0,0 +1 @@", "+x = eval(y)"]
+
+
+def test_missing_pages_are_the_dashboards_own_404(stack: Stack, page: Page, users: dict[str, Any]) -> None:
+    login(page, "victor")
+    for path in ("/runs/does-not-exist/", "/runs/01a24500-0000-7000-8000-000000000000/"):
+        response = page.goto(path)
+        assert response is not None and response.status == 404
+        expect(page.locator("[data-error-status='404']")).to_contain_text("Not found")
+        expect(page.locator("body")).not_to_contain_text("URLconf")

@@ -212,14 +212,14 @@ def test_it_shows_a_retry_attempt_running_on_the_existing_row(cookie: str) -> No
         assert connected
         try:
             snapshot = await comm.receive_from(timeout=10)
-            assert "Traceback: boom" in snapshot
+            assert "ConnectionError: boom" in snapshot  # the failed attempt's segment (tracebacks: the inspector)
             realtime.publish_now(
                 realtime.RunEvent("step", str(run.pk), {"key": "flaky", "status": "running", "attempt": 2})
             )
             html = await receive_until(comm, lambda m: f'id="step-{failed.pk}"' in m)
             assert 'hx-swap-oob="true"' in html
             assert "status-running" in html and "attempt 2" in html
-            assert "Traceback: boom" in html  # the earlier attempt's error stays visible
+            assert "attempt 1 failed: ConnectionError: boom" in html  # the earlier attempt stays visible
         finally:
             await comm.disconnect()
 
@@ -523,7 +523,7 @@ def test_the_first_run_replaces_the_empty_list_message() -> None:
     consumer.shown = []
     pk = uuid.uuid4()
     messages = consumer._place(Run(pk=pk, task_id="t", status=RunStatus.QUEUED, created_at=timezone.now()))
-    assert messages[0] == '<tr id="runs-empty" hx-swap-oob="delete"></tr>'
+    assert messages[0] == ""  # the "no runs" row stays, hidden by CSS: a second removal would miss its target
     assert 'hx-swap-oob="beforeend:#run-rows"' in messages[1] and f'id="run-{pk}"' in messages[1]
 
 

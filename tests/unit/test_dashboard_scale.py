@@ -167,7 +167,7 @@ def operator() -> Client:
 
 # A COUNT is fine over a LIMITed subquery (the capped counters), one run's rows (its steps, logs, children) or a
 # time window on the time-ordered id; anything else counts a whole table, which Postgres does row by row.
-BOUNDED_COUNT = re.compile(r'\blimit \d+|"run_id" = |"parent_id" = |"id" >= ', re.IGNORECASE)
+BOUNDED_COUNT = re.compile(r'\blimit \d+|"run_id" = |"parent_id" = |"parent_id" IN \(|"id" >= ', re.IGNORECASE)
 
 
 def unbounded_counts(queries: list[dict[str, str]]) -> list[str]:

@@ -67,8 +67,8 @@ def make_step(run: Run, key: str, seq: int, **fields: Any) -> Step:
     return Step.objects.create(run=run, key=key, seq=seq, **fields)
 
 
-def page(client: Client, run: Run) -> str:
-    response = client.get(f"/runs/{run.pk}/")
+def page(client: Client, run: Run, step: str = "") -> str:
+    response = client.get(f"/runs/{run.pk}/", {"step": step} if step else {})
     assert response.status_code == 200
     return response.content.decode()
 
@@ -103,7 +103,7 @@ def test_it_shows_the_header_viewers_and_a_timeline_with_bars_scaled_to_duration
     assert 'style="left:0.0%;width:20.0%"' in html  # short: the first 2 s of 10
     assert 'style="left:20.0%;width:80.0%"' in html  # long: the other 8
     assert f'id="step-{short.pk}"' in html and f'id="step-{long.pk}"' in html
-    assert f'href="/runs/{run.pk}/steps/{long.pk}/output.json"' in html
+    assert f'href="/runs/{run.pk}/steps/{long.pk}/output.json"' in page(viewer, run, step="long")
 
 
 def test_a_step_shows_its_attempts_logs_metadata_and_llm_usage(viewer: Client) -> None:
@@ -130,12 +130,13 @@ def test_a_step_shows_its_attempts_logs_metadata_and_llm_usage(viewer: Client) -
     )
     LogLine.objects.create(run=run, step_key="bad", ts=timezone.now(), message="about to fail")
 
-    html = page(viewer, run)
+    html = page(viewer, run, step="bad")  # the inspector, opened by its link
 
     assert "Traceback (bad 1)" in html and "Traceback (bad 2)" in html and "2 failed attempts" in html
+    assert html.count("about to fail") == 2  # in the run's logs and in the step's inspector
+    html = page(viewer, run, step="ask")
     assert '<pre class="llm-text">The answer</pre>' in html
-    assert "12 in / 34 out" in html
-    assert html.count("about to fail") == 2  # in the run's logs and in the step's panel
+    assert "12 in / 34 out" in html and "Answered by <strong>m-1</strong>" in html
 
 
 def test_step_output_with_a_script_or_a_javascript_link_renders_inert(viewer: Client) -> None:
@@ -157,7 +158,7 @@ def test_large_values_are_truncated_with_a_link_to_download_them_whole(viewer: C
     run = make_run(status=RunStatus.COMPLETED, payload=big)
     step = make_step(run, "big", 0, output=big)
 
-    html = page(viewer, run)
+    html = page(viewer, run, step="big")
 
     assert "x" * (JSON_PREVIEW_CHARS * 2) not in html
     assert html.count("Truncated: only the beginning is shown") == 2
@@ -227,7 +228,7 @@ def test_viewers_see_no_action_buttons_and_operators_do(viewer: Client, operator
         assert f"/{action}/" not in seen
     assert "Ship it?" in seen and "Approve" not in seen
 
-    acted = page(operator, run)
+    acted = page(operator, run, step="s")
     for action in ("retry", "replay", "fork", "complete"):
         assert f"/{action}/" in acted
     assert "Retry from failed step" in acted and "Approve" in acted and "Reject" in acted
@@ -283,6 +284,7 @@ def test_retry_with_htmx_answers_the_regions_the_socket_pushes(operator: Client)
     assert response.status_code == 200
     html = response.content.decode()
     assert f'id="run-{run.pk}-header" class="card run-header" hx-swap-oob="true"' in html
+    assert 'data-run-header data-status="queued"' in html
     assert f'id="run-{run.pk}-output"' in html and "status-queued" in html
     assert f'id="run-{run.pk}-notice"' in html and "Retrying from the failed step." in html
     assert f"/runs/{run.pk}/cancel/" in html  # a queued run can be canceled

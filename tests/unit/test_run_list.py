@@ -224,7 +224,7 @@ def test_a_bulk_cancel_by_filter_acts_only_on_what_the_dry_run_counted(operator:
     late.refresh_from_db()
     assert late.status == RunStatus.QUEUED
     entry = AuditEntry.objects.get()
-    assert entry.action == "bulk_cancel" and entry.detail["filters"] == {"tag": "batch"}
+    assert entry.action == "bulk_cancel" and entry.detail["filters"] == {"tag": "batch", "top_level": True}
     assert set(entry.run_ids) == {r.pk for r in matching}
 
 

@@ -113,7 +113,9 @@ def test_the_run_page_shows_the_run_its_steps_errors_logs_and_metadata(viewer: C
     assert f'id="run-{run.pk}-header"' in page and "Failed" in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
     assert f'id="step-{ok.pk}"' in page and f'id="step-{bad.pk}"' in page
-    assert "Traceback (bad 1)" in page and "Traceback (bad 2)" in page and "attempt 2" in page
+    assert "attempt 1 failed: ValueError: first" in page and "attempt 2 failed: ValueError: second" in page
+    inspected = viewer.get(f"/runs/{run.pk}/?step=bad").content.decode()  # tracebacks: in the step inspector
+    assert "Traceback (bad 1)" in inspected and "Traceback (bad 2)" in inspected
     assert "&lt;i&gt;careful&lt;/i&gt;" in page
     assert "progress" in page
 
