@@ -66,6 +66,7 @@ class Pauses:
         event: dict,
         waitpoint: dict | None = None,
         children: Callable[[], list[str]] | None = None,
+        awaiting: list[str] | None = None,
     ) -> NoReturn:
         """Record `step` and set the run waiting until `wake_at`, releasing the lease; raise Parked."""
         saved, self._unwritten_saved = self._unwritten_saved, Decimal(0)
@@ -77,6 +78,7 @@ class Pauses:
             event=event,
             waitpoint=waitpoint,
             children=children,
+            awaiting=awaiting,
             saved=saved,
         )
         self._halt(Parked() if parked else LeaseLost())
@@ -212,11 +214,13 @@ class Pauses:
             if outcomes is not None:
                 self._complete_wait(plan, output=outcomes)
                 return outcomes
-            # Not all children finished: park again (each child wakes the parent when it ends).
+            # Not all children finished: park again (each child wakes the parent when it ends; one that ends
+            # between this read and the park is caught by the park itself).
             self._park(
                 step=step_row(plan, status=StepStatus.WAITING, finished=None, meta={"children": children}),
                 wake_at=None,
                 event=self._step_event(plan, "waiting", children=children),
+                awaiting=children,
             )
         child_task = registry.get(task_id)  # an unknown task fails this run here, with a clear error
         if not payloads:

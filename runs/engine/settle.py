@@ -17,7 +17,7 @@ from runs.engine.hooks import run_settled
 from runs.engine.lease import Buffer, Claim, Written, fenced_write
 from runs.engine.transitions import runs_wake
 from runs.engine.waits import waitpoint_create
-from runs.models import RunStatus, Step
+from runs.models import TERMINAL_STATUSES, RunStatus, Step
 from runs.sdk.registry import registry
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,14 @@ def run_park(
     event: dict,
     waitpoint: dict | None = None,
     children: Callable[[], list[str]] | None = None,
+    awaiting: list[str] | None = None,
     saved: Decimal | None = None,
 ) -> bool:
     """Record the parking step and set the run waiting until `wake_at` (straight back to queued when it is
     already due), releasing the lease: one statement, plus in the same transaction what the run waits on —
     its waitpoint, or its child runs (created here, so none can finish before the parent is parked on it).
+    `awaiting`: the children a parent parks on again; if the last of them ended after the parent read them,
+    its wake-up found the parent still running, so the park wakes the parent itself.
     Publishes the step's `event` and the run's change. False if the lease was lost."""
     due = wake_at is not None and wake_at <= claim.now()
     status = RunStatus.QUEUED if due else RunStatus.WAITING
@@ -112,6 +115,10 @@ def run_park(
         if children is not None:
             event["children"] = ids = children()
             Step.objects.filter(run_id=claim.run_id, key=step["s_key"]).update(meta={"children": ids})
+        # The parent's row is locked until this commits: a child ending from here on wakes it after the commit
+        # (its UPDATE waits for the lock and then sees `waiting`); one that ended before is seen here.
+        if awaiting and _all_ended(awaiting) and runs_wake([claim.run_id]):
+            status = RunStatus.QUEUED  # what the live header shows last
         if wake_at is not None and not due:
             with connection.cursor() as cur:
                 cur.execute("SELECT pg_notify(%s, '')", [SCHEDULER_CHANNEL])
@@ -125,6 +132,15 @@ def run_park(
         run_event(claim, written, status, wake_at=wake_at.isoformat() if wake_at else None), to_runs_list=True
     )
     return True
+
+
+def _all_ended(run_ids: list[str]) -> bool:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM runs_run WHERE id = ANY(%s::uuid[]) AND status = ANY(%s)",
+            [run_ids, [status.value for status in TERMINAL_STATUSES]],
+        )
+        return cur.fetchone()[0] == len(set(run_ids))
 
 
 def release_slot(claim: Claim, concurrency_key: str) -> None:

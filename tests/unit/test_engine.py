@@ -345,3 +345,36 @@ def test_behind_a_transaction_mode_pooler_nothing_is_prepared(settings):
         engine.run_execute(run.id, heartbeat=False)
     assert Run.objects.get(pk=run.pk).status == RunStatus.COMPLETED
     assert _prepared() == []
+
+
+def test_a_child_ending_while_its_parent_parks_again_still_wakes_the_parent(monkeypatch):
+    """A map's parent woken by its first child reads its children, finds one unfinished and parks again; if
+    that child ends between the read and the park, its wake-up finds the parent running and does nothing, so
+    the park itself must notice (or the parent waits forever: seen in the e2e suite with two children)."""
+    from runs.engine import pauses
+
+    parent, _ = services.run_trigger(task_id="t-parent", payload={"n": 2})
+    with engine.enqueue_to(lambda run_id: None):
+        engine.run_execute(parent.id, worker="test", heartbeat=False)
+        first, second = Run.objects.filter(parent=parent).order_by("created_at", "id")
+        engine.run_execute(first.id, worker="test", heartbeat=False)
+        parent.refresh_from_db()
+        assert parent.status == RunStatus.QUEUED  # the first child's end woke it
+
+        read = pauses.children_outcomes
+
+        def second_ends_right_after_the_read(children: list[str]):
+            outcomes = read(children)
+            engine.run_execute(second.id, worker="test", heartbeat=False)  # settles, wakes nobody: parent runs
+            return outcomes
+
+        monkeypatch.setattr(pauses, "children_outcomes", second_ends_right_after_the_read)
+        engine.run_execute(parent.id, worker="test", heartbeat=False)
+        monkeypatch.undo()
+
+    second.refresh_from_db()
+    parent.refresh_from_db()
+    assert second.status == RunStatus.COMPLETED
+    assert parent.status == RunStatus.QUEUED, "the parent parked on children that had all ended"
+    assert drive(parent).status == RunStatus.COMPLETED
+    assert parent.output["squares"] == [0, 1]
