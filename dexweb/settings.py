@@ -145,6 +145,8 @@ MIDDLEWARE = [
     "runs.web.security_headers.security_headers_middleware",
     # Static files (htmx, its ws extension, our css) from daphne itself, DEBUG or not: no proxy needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Outside CSRF and the rest, so whatever they answer under /api/ leaves as JSON.
+    "runs.api.middleware.ApiJsonErrorsMiddleware",
     "runs.api.middleware.ApiBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
