@@ -313,6 +313,11 @@ if CELERY_BROKER_URL.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
 DEX_AGENTS_DIR = Path(env_str("DEX_AGENTS_DIR") or BASE_DIR / "agents")
 DEX_AGENT_MODULES = [m.strip() for m in env_str("DEX_AGENT_MODULES").split(",") if m.strip()]
 DEX_IDEMPOTENCY_TTL_SECONDS = env_float("DEX_IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
+# Seconds of execution a run of a task without its own max_duration may use before it ends timed_out (DESIGN §3:
+# a runaway loop must not hold a worker forever). 0 = no limit.
+DEX_DEFAULT_MAX_DURATION = env_float("DEX_DEFAULT_MAX_DURATION", 3600.0)
+if DEX_DEFAULT_MAX_DURATION < 0:
+    raise ImproperlyConfigured("DEX_DEFAULT_MAX_DURATION must be 0 (no limit) or a number of seconds, not negative")
 # LLM providers (JSON, validated by runs.ai.providers) and price overrides; the local server when unset.
 DEX_LLM_PROVIDERS = env_str("DEX_LLM_PROVIDERS") or None
 DEX_LLM_PRICING = env_str("DEX_LLM_PRICING") or None

@@ -388,7 +388,9 @@ class TaskOut(Schema):
     payload_schema: dict[str, Any] | None = Field(description="JSON Schema of the payload `trigger` accepts.")
     is_async: bool
     retry: RetryOut
-    max_duration: float | None = Field(description="Seconds of execution before the run times out.")
+    max_duration: float | None = Field(
+        description="Seconds of execution before the run times out: the task's own, else DEX_DEFAULT_MAX_DURATION."
+    )
     timeout: float | None = Field(description="Default per-step timeout, in seconds.")
     concurrency: int | None
     concurrency_key: str | None
@@ -415,7 +417,7 @@ def _task_out(task: Task) -> dict[str, Any]:
         "payload_schema": schema,
         "is_async": task.is_async,
         "retry": task.retry,
-        "max_duration": task.max_duration,
+        "max_duration": task.deadline_seconds,
         "timeout": task.timeout,
         "concurrency": task.concurrency,
         "concurrency_key": task.concurrency_key,

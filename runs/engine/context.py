@@ -215,10 +215,11 @@ class RunContext(Pauses):
 
     # -- boundaries ----------------------------------------------------------------------------------------
     def _remaining(self) -> float | None:
-        if self._task.max_duration is None:
+        deadline = self._task.deadline_seconds
+        if deadline is None:
             return None
         used = self._claim.executed_seconds + (time.monotonic() - self._claim.claimed_monotonic)
-        return self._task.max_duration - used
+        return deadline - used
 
     def _check_boundary(self) -> None:
         if self._lease_lost:

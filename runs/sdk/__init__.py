@@ -130,6 +130,17 @@ class Task:
         return self.fn(*args, **kwargs)
 
     @property
+    def deadline_seconds(self) -> float | None:
+        """Execution time a run of this task may use: its `max_duration`, else DEX_DEFAULT_MAX_DURATION (DESIGN
+        §3: so no run holds a worker forever by mistake); None when both leave it unbounded."""
+        if self.max_duration is not None:
+            return self.max_duration
+        from django.conf import settings  # read per run: tests and deployments change it without re-registering
+
+        default = getattr(settings, "DEX_DEFAULT_MAX_DURATION", 0) or 0
+        return float(default) if default > 0 else None
+
+    @property
     def qualified_name(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
@@ -146,7 +157,9 @@ class Task:
 
     @cached_property
     def _hints(self) -> dict[str, Any]:
-        return typing.get_type_hints(self.fn)
+        # include_extras keeps `Annotated[int, Field(ge=1, le=100)]`: a task's input bounds, which the API and
+        # the dashboard then enforce before a run exists.
+        return typing.get_type_hints(self.fn, include_extras=True)
 
     @cached_property
     def model_param(self) -> str | None:
