@@ -21,6 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from pydantic import Field
 
 from runs.sdk import NonRetriableError, Retry, task
 
@@ -206,7 +209,7 @@ def verdict_of(review: str, findings: list[dict]) -> str:
 
 
 @task("code-review-agent", retry=Retry(attempts=3, initial=2.0, max_delay=30), max_duration=timedelta(minutes=15))
-def code_review_agent(ctx, diff: str) -> dict:
+def code_review_agent(ctx, diff: Annotated[str, Field(max_length=500_000)]) -> dict:
     """Reviews a unified diff (as `git diff` prints it): ruff lints the lines it adds, then an LLM reviews
     the change given ruff's findings. Returns the findings, the review and a verdict (approve or
     request_changes)."""
