@@ -264,3 +264,20 @@ def test_the_cli_refuses_the_same_key_with_another_payload() -> None:
         call_command(
             "dex", "trigger", "t-typed", "--payload", '{"name": "b"}', "--idempotency-key", "k", stdout=StringIO()
         )
+
+
+# --- oversize bodies --------------------------------------------------------------------------------------
+
+
+def test_an_oversized_api_body_is_a_json_413(client: Client, settings: Any) -> None:
+    settings.DEX_MAX_PAYLOAD_BYTES = 100
+    response = client.post("/api/events", json.dumps({"name": "x", "data": "y" * 500}), content_type="application/json")
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "payload_too_large")
+
+
+def test_an_oversized_dashboard_form_is_a_413_page_that_says_so(operator: Client, settings: Any) -> None:
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = operator.post("/events/", {"name": "x", "data": "y" * 5000})
+    assert response.status_code == 413
+    assert "The form is too large to accept" in response.content.decode()
+    assert "the limit is 1,000 bytes" in response.content.decode()
