@@ -7,6 +7,7 @@ Every request a fuzzer sends is counted, and the counts are printed when its mod
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Any
@@ -68,6 +69,8 @@ EDGE_STRINGS = [
     "{}",
     "[]",
     '{"name": "x\\u0000"}',
+    '{"name": "x\\ud800"}',
+    '"\\ud800"',
     "null",
     "true",
     "x" * 5000,
@@ -120,3 +123,9 @@ class Tally:
     def summary(self) -> str:
         errors, requests = self.counts["server_errors"], self.counts["requests"]
         return f"{self.name}: {errors} server errors in {requests} generated requests"
+
+
+def edge_form_text() -> st.SearchStrategy[str]:
+    """What a form field may receive: an edge string, or edge JSON as text (a JSON field's `"\\u0000"` escape
+    parses into a NUL)."""
+    return st.one_of(edge_text(), edge_json().map(json.dumps))

@@ -22,8 +22,10 @@ from functools import cached_property
 from typing import Any
 
 import pydantic
+from pydantic_core import PydanticCustomError
 
 from runs.sdk.registry import registry
+from runs.text import find_unstorable
 
 __all__ = [
     "Cancelled",
@@ -192,7 +194,17 @@ class Task:
     def validate_payload(self, payload: Any) -> dict:
         """Validate and normalise a payload; raises pydantic.ValidationError. Returns the JSON form stored."""
         model = self.payload_model.model_validate(payload if payload is not None else {})
-        return model.model_dump(mode="json")
+        stored = model.model_dump(mode="json")
+        # Postgres's jsonb can't hold a NUL or a lone surrogate; whatever the hints allow, such a payload is a
+        # validation error naming the field (every caller shows those), not a database error later.
+        found = find_unstorable(stored)
+        if found:
+            loc, reason = found
+            error = PydanticCustomError("unstorable_text", reason)
+            raise pydantic.ValidationError.from_exception_data(
+                self.payload_model.__name__, [{"type": error, "loc": tuple(loc), "input": "…"}]
+            )
+        return stored
 
     def call_arguments(self, payload: dict) -> dict[str, Any]:
         """Keyword arguments for the task function from a stored payload."""

@@ -31,7 +31,7 @@ from runs.models import (
     WaitpointKind,
 )
 from tests.conftest import logged_in, persona
-from tests.fuzzing import Tally, edge_text, fuzz_settings
+from tests.fuzzing import Tally, edge_form_text, fuzz_settings
 
 pytestmark = pytest.mark.django_db
 
@@ -160,7 +160,7 @@ def world() -> dict[str, Any]:
 
 def value_for(seen: list[str]) -> st.SearchStrategy[str]:
     own = [v for v in seen if v is not None]
-    return st.one_of(st.sampled_from(own), edge_text()) if own else edge_text()
+    return st.one_of(st.sampled_from(own), edge_form_text()) if own else edge_form_text()
 
 
 def encode(data: dict[str, list[str]]) -> bytes:
