@@ -44,6 +44,18 @@ def describe(found: tuple[list[str | int], str]) -> str:
     return f"{'.'.join(str(p) for p in loc)}: {reason}" if loc else reason
 
 
+def storable(text: str) -> str:
+    """`text` with what Postgres can't store made visible instead: NUL as `\\x00`, a lone surrogate as U+FFFD.
+    For text Dex writes itself (an error message, a log line), which must be stored, not refused."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+    return text
+
+
 def unstorable_option(options: dict[str, Any]) -> str | None:
     """For a management command: `--name: text can't contain…` for the first option (string, or list of
     strings) Postgres can't store, else None. A NUL arrives through call_command; a lone surrogate from an

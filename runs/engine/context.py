@@ -39,6 +39,7 @@ from runs.engine.plan import NO_RETRY, StepPlan, step_row
 from runs.models import StepKind, StepStatus
 from runs.redact import redact
 from runs.sdk import Cancelled, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
+from runs.text import storable
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class RunContext(Pauses):
             "step_key": step_key,
             "ts": now().isoformat(),
             "level": level,
-            "message": redact(message[:20200])[:20000],
+            "message": storable(redact(message[:20200])[:20000]),
             "origin": origin,
         }
         with self._buffer.lock:
