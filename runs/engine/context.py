@@ -39,7 +39,7 @@ from runs.engine.plan import NO_RETRY, StepPlan, step_row
 from runs.models import StepKind, StepStatus
 from runs.redact import redact
 from runs.sdk import Cancelled, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
-from runs.text import storable
+from runs.text import describe, find_unstorable, storable
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,9 @@ class RunContext(Pauses):
         """Live progress: pushed at once, stored with the next write (a step's commit or a heartbeat)."""
         self._guard()
         json.dumps(value, default=json_default)  # fail here, in the caller's code, if it can't be stored
+        found = find_unstorable(value, [key])  # (nor can Postgres's jsonb hold a NUL or a lone surrogate)
+        if found:
+            raise ValueError(f"ctx.set_metadata: {describe(found)}")
         with self._buffer.lock:
             self._buffer.metadata[key] = value
         realtime.publish_now(realtime.RunEvent("metadata", self.run_id, {"key": key, "value": value}))

@@ -105,3 +105,19 @@ def test_a_log_line_with_unstorable_text_is_kept() -> None:
     run = run_task("t-odd-errors", {"log": True})
     assert run.status == RunStatus.COMPLETED
     assert LogLine.objects.get(run=run).message == "log line with \ufffd and \\x00"
+
+
+def _bad_metadata(ctx: Any) -> None:
+    ctx.set_metadata("progress", {"note": "x\x00"})
+
+
+@task("t-odd-metadata", retry=Retry(attempts=1))
+def odd_metadata(ctx) -> str:
+    _bad_metadata(ctx)
+    return "unreachable"
+
+
+def test_metadata_postgres_cannot_store_fails_in_the_caller_s_code() -> None:
+    run = run_task("t-odd-metadata", {})
+    assert run.status == RunStatus.FAILED
+    assert run.error["message"] == "ctx.set_metadata: progress.note: text can't contain NUL (\\u0000) characters"
