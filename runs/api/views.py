@@ -30,7 +30,7 @@ from ninja.security import HttpBearer
 
 from runs import selectors, services
 from runs.api import keyauth
-from runs.engine.create import IdempotencyConflict
+from runs.engine.create import MAX_DELAY_SECONDS, IdempotencyConflict
 from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatus
 from runs.ops.audit import Actor
 from runs.sdk import Task
@@ -127,7 +127,6 @@ def _representable_in_utc(value: datetime) -> datetime:
 
 DateTime = Annotated[datetime, pydantic.BeforeValidator(_rfc3339), pydantic.AfterValidator(_representable_in_utc)]
 # Bounds that keep the values inside what Postgres (an integer column) and timedelta can hold.
-MAX_DELAY_SECONDS = 10 * 366 * 24 * 3600
 INT32 = 2**31 - 1
 
 

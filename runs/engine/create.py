@@ -19,6 +19,10 @@ from runs.engine.flow import debounce_reason, debounce_supersede, debounce_trigg
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.sdk import Task
 
+# The longest a trigger may delay a run (about ten years): past it a datetime overflows. Every way in (API,
+# dashboard, CLI) refuses more; run_create refuses it too, as a ValueError, for callers that don't.
+MAX_DELAY_SECONDS = 10 * 366 * 24 * 3600
+
 
 class IdempotencyConflict(Exception):
     """A trigger reused an idempotency key with a different payload (Stripe's rule: a key names one request,
@@ -54,6 +58,8 @@ def run_create(
     key raises IdempotencyConflict instead; keys Dex derives itself (a schedule's slot, an event's id, a
     child's index) keep "first one wins", since their source (an edited schedule) may change in between.
     """
+    if delay is not None and not 0 <= delay <= MAX_DELAY_SECONDS:
+        raise ValueError(f"a delay must be between 0 and {MAX_DELAY_SECONDS:,} seconds, not {delay:g}")
     now = timezone.now()
     debounced = bool(task.debounce and parent_id is None and not steps)
     # A plain trigger is one INSERT, committed on its own (one round trip). An idempotency key, a debounce or

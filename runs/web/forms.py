@@ -18,6 +18,7 @@ import pydantic
 from django import forms
 from pydantic_core import PydanticUndefined
 
+from runs.engine.create import MAX_DELAY_SECONDS
 from runs.models import ApiKeyScope, Schedule, apikey_all_scopes
 from runs.sdk.registry import registry
 from runs.text import describe, find_unstorable
@@ -158,7 +159,9 @@ class TriggerOptionsForm(forms.Form):
         required=False, max_length=255, help_text="A second trigger with the same key returns the first run."
     )
     tags = forms.CharField(required=False, max_length=500, help_text="Comma-separated.")
-    delay = forms.FloatField(required=False, min_value=0, help_text="Seconds before the run starts.")
+    delay = forms.FloatField(
+        required=False, min_value=0, max_value=MAX_DELAY_SECONDS, help_text="Seconds before the run starts."
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("prefix", OPTIONS_PREFIX)

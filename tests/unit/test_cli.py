@@ -74,6 +74,8 @@ def test_trigger_wait_fails_when_the_run_did_not_complete() -> None:
         (["trigger", "t-typed", "--payload", "@/nonexistent/p.json"], "--payload: cannot read /nonexistent/p.json"),
         (["trigger", "t-typed", "--payload", '{"count": "many"}'], "invalid payload for t-typed: name: Field required"),
         (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "-1"], "--delay must not be negative"),
+        (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "1e300"], "--delay must be at most"),
+        (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "nan"], "--delay must be at most"),
         (["--user", "nobody", "trigger", "t-typed"], "no user 'nobody'"),
         (["runs", "--status", "exploded"], "unknown status 'exploded'; choose from delayed, queued"),
         (["runs", "--limit", "0"], "--limit must be between 1 and 1000"),

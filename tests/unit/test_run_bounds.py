@@ -93,3 +93,12 @@ def test_sensible_input_still_triggers(operator: Client) -> None:
     response = operator.post("/tasks/hello-steps/", {"payload-name": "Ada", "payload-steps": "3"})
     assert response.status_code == 302
     assert Run.objects.get().payload == {"name": "Ada", "steps": 3, "delay": 0.3}
+
+
+@pytest.mark.parametrize("delay", ["1e300", "999999999999"])
+def test_a_trigger_form_refuses_a_delay_no_date_can_hold(operator: Client, delay: str) -> None:
+    """Found by the form fuzzer: the delay overflowed the run's wake-up time."""
+    response = operator.post("/tasks/t-typed/", {"payload-name": "ok", "run-delay": delay})
+    assert response.status_code == 422
+    assert "less than or equal to" in response.content.decode()
+    assert not Run.objects.exists()

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from runs import services
 from runs.ai import cassettes
-from runs.engine.create import IdempotencyConflict
+from runs.engine.create import MAX_DELAY_SECONDS, IdempotencyConflict
 from runs.models import Event, Run, RunStatus
 from runs.ops.audit import Actor
 from runs.sdk.registry import UnknownTask, registry
@@ -119,6 +119,8 @@ class Command(BaseCommand):
             raise CommandError('--payload must be a JSON object, e.g. \'{"topic": "x"}\'')
         if options["delay"] is not None and options["delay"] < 0:
             raise CommandError("--delay must not be negative")
+        if options["delay"] is not None and not options["delay"] <= MAX_DELAY_SECONDS:
+            raise CommandError(f"--delay must be at most {MAX_DELAY_SECONDS:,} seconds (about ten years)")
         try:
             run, created = services.run_trigger(
                 task_id=task_id,
