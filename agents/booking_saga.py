@@ -9,9 +9,10 @@ and the step, so a step retried after a crash returns the booking it already mad
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from dex_agents import booking_service
+from pydantic import Field
 
 from runs.sdk import NonRetriableError, Retry, task
 
@@ -36,7 +37,11 @@ def cancel(booking: dict) -> dict:
 
 
 @task("booking-saga", retry=Retry(attempts=3, initial=1.0, max_delay=20), max_duration=timedelta(minutes=10))
-def booking_saga(ctx, trip: str, fail_at: Literal["none", "flight", "hotel", "car"] = "none") -> dict:
+def booking_saga(
+    ctx,
+    trip: Annotated[str, Field(min_length=1, max_length=200)],
+    fail_at: Literal["none", "flight", "hotel", "car"] = "none",
+) -> dict:
     """Books a flight, then a hotel, then a car for `trip`. `fail_at` makes that booking sell out, to watch
     the saga undo the bookings already made (refunds run newest-first, each a durable step)."""
     bookings = {}

@@ -210,7 +210,7 @@ def verdict_of(review: str, findings: list[dict]) -> str:
 
 @task("code-review-agent", retry=Retry(attempts=3, initial=2.0, max_delay=30), max_duration=timedelta(minutes=15))
 def code_review_agent(
-    ctx, diff: Annotated[str, Field(min_length=1, max_length=200_000, json_schema_extra={"format": "textarea"})]
+    ctx, diff: Annotated[str, Field(min_length=1, max_length=500_000, json_schema_extra={"format": "textarea"})]
 ) -> dict:
     """Reviews a unified diff (as `git diff` prints it): ruff lints the lines it adds, then an LLM reviews
     the change given ruff's findings. Returns the findings, the review and a verdict (approve or

@@ -19,6 +19,7 @@ def _fingerprint(text: str) -> str:
 @task("hello-steps", retry=Retry(attempts=3, initial=0.5))
 def hello_steps(
     ctx,
+    # Bounded, so `steps=10**29` is a 422 at the door rather than a run holding a worker until someone notices.
     name: Annotated[str, Field(min_length=1, max_length=100, examples=["world"])] = "world",
     steps: Annotated[int, Field(ge=1, le=100, description="How many greetings.")] = 5,
     delay: Annotated[float, Field(ge=0, le=10, description="Seconds between greetings.")] = 0.3,
@@ -42,7 +43,12 @@ def _greet(name: str, i: int, delay: float) -> str:
 
 
 @task("flaky-pipeline", retry=Retry(attempts=4, initial=0.5, backoff=2.0))
-def flaky_pipeline(ctx, records: int = 20, failure_rate: float = 0.5, seed: int = 7) -> dict:
+def flaky_pipeline(
+    ctx,
+    records: Annotated[int, Field(ge=1, le=10_000)] = 20,
+    failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    seed: Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] = 7,
+) -> dict:
     """Fetches, transforms and stores `records` items; the transform fails at random, and only the failed
     step is retried (watch its attempts in the run page). A failure rate of 1 fails the run for good."""
     if not 0 <= failure_rate <= 1:

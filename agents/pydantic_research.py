@@ -13,7 +13,7 @@ gives the structured answer, and for real with an API key ("gpt-5-mini"). Needs 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
 from dex_agents.research import corpus
 from pydantic import BaseModel, Field
@@ -75,7 +75,9 @@ def research_agent() -> Any:
 
 
 @task("pydantic-research-agent", retry=Retry(attempts=3, initial=1.0), max_duration=timedelta(minutes=15))
-def pydantic_research(ctx, question: str = "How does the with statement use context managers?") -> dict:
+def pydantic_research(
+    ctx, question: Annotated[str, Field(max_length=2000)] = "How does the with statement use context managers?"
+) -> dict:
     """Answers a question about Python from its bundled reference with a Pydantic AI agent (two tools, a
     structured answer); every model request and tool call is a step."""
     result = research_agent().run_sync(question)

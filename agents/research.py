@@ -20,6 +20,9 @@ import re
 from collections import Counter
 from datetime import timedelta
 from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field
 
 from runs import safe_fetch
 from runs.sdk import Retry, task
@@ -273,7 +276,12 @@ def with_citations(text: str, sources: list[dict]) -> str:
     max_duration=timedelta(minutes=30),
     concurrency=5,
 )
-def research_agent(ctx, topic: str, depth: int = 3, urls: list[str] | None = None) -> dict:
+def research_agent(
+    ctx,
+    topic: Annotated[str, Field(min_length=1, max_length=500)],
+    depth: Annotated[int, Field(ge=1, le=10)] = 3,
+    urls: Annotated[list[str] | None, Field(max_length=5)] = None,
+) -> dict:
     """Researches `topic` in the Python language reference bundled with the interpreter: an LLM plans
     `depth` search queries, each is searched (BM25 over the reference's paragraphs), and the LLM writes a
     report from the passages found, streamed live, citing the topics it used. Public web pages given in

@@ -7,6 +7,9 @@ dashboard), parks the parent until all have finished, and returns their outputs 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 from runs.sdk import NonRetriableError, Retry, task
 
@@ -16,8 +19,16 @@ MAX_DOCUMENT_CHARS = 100_000
 MAX_DOCUMENTS = 200
 
 
+def _documents_bounded(documents: list[str]) -> list[str]:
+    # Refused when the run is triggered (a 422, a form error), not when its child run gets the document.
+    for i, document in enumerate(documents):
+        if len(document) > MAX_DOCUMENT_CHARS:
+            raise ValueError(f"document {i} has {len(document):,} characters; the limit is {MAX_DOCUMENT_CHARS:,}")
+    return documents
+
+
 @task("summarise-document", retry=Retry(attempts=4, initial=2.0, max_delay=60), max_duration=timedelta(minutes=10))
-def summarise_document(ctx, document: str) -> dict:
+def summarise_document(ctx, document: Annotated[str, Field(max_length=MAX_DOCUMENT_CHARS)]) -> dict:
     """Summarises one document in a few sentences (the child task of fan-out-summariser)."""
     if len(document) > MAX_DOCUMENT_CHARS:
         raise NonRetriableError(f"the document has {len(document)} characters; the limit is {MAX_DOCUMENT_CHARS}")
@@ -51,7 +62,10 @@ def combine_messages(summaries: list[str]) -> list[dict]:
 
 
 @task("fan-out-summariser", retry=Retry(attempts=3, initial=2.0, max_delay=30), max_duration=timedelta(minutes=30))
-def fan_out_summariser(ctx, documents: list[str]) -> dict:
+def fan_out_summariser(
+    ctx,
+    documents: Annotated[list[str], Field(max_length=MAX_DOCUMENTS), AfterValidator(_documents_bounded)],
+) -> dict:
     """Summarises each document in its own child run (in parallel), then combines the summaries into one
     overview. Returns the summaries in the documents' order, and the overview."""
     if len(documents) > MAX_DOCUMENTS:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 from django import forms
+from pydantic import Field
 
 from runs.sdk import Retry, task
 
@@ -82,7 +84,11 @@ def send_reply(customer: str, reply: str, category: str) -> dict:
 
 
 @task("support-agent", retry=Retry(attempts=3, initial=2.0, max_delay=30), max_duration=timedelta(days=7))
-def support_agent(ctx, customer: str, message: str) -> dict:
+def support_agent(
+    ctx,
+    customer: Annotated[str, Field(min_length=1, max_length=200)],
+    message: Annotated[str, Field(max_length=10_000)],
+) -> dict:
     """Answers a support message: classifies it, drafts a reply with an LLM, waits for a person to approve
     (and possibly edit) the reply, then sends it. A rejected reply is not sent."""
     ctx.set_metadata("progress", {"stage": "classify"})

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from runs.integrations import missing_extra
 from runs.sdk import NonRetriableError, Retry, task
@@ -103,7 +105,9 @@ def triage_agents() -> Any:
 
 
 @task("triage-agent", retry=Retry(attempts=3, initial=1.0), max_duration=timedelta(minutes=15))
-def triage_agent(ctx, message: str = "I was charged twice for order A-17, please refund me.") -> dict:
+def triage_agent(
+    ctx, message: Annotated[str, Field(max_length=10_000)] = "I was charged twice for order A-17, please refund me."
+) -> dict:
     """Routes a customer's message to billing or shipping (an OpenAI Agents SDK handoff), which resolves it
     with its tools; every model call, tool call and the handoff is a step."""
     _, integration = _sdk()

@@ -6,6 +6,7 @@ with them set, the servers they name. Bad values fail loudly with ImproperlyConf
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
@@ -145,6 +146,8 @@ MIDDLEWARE = [
     "runs.web.security_headers.security_headers_middleware",
     # Static files (htmx, its ws extension, our css) from daphne itself, DEBUG or not: no proxy needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # Outside CSRF and the rest, so whatever they answer under /api/ leaves as JSON.
+    "runs.api.middleware.ApiJsonErrorsMiddleware",
     "runs.api.middleware.ApiBodyLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -323,6 +326,11 @@ if CELERY_BROKER_URL.split(":", 1)[0] in ("amqp", "amqps", "pyamqp"):
 DEX_AGENTS_DIR = Path(env_str("DEX_AGENTS_DIR") or BASE_DIR / "agents")
 DEX_AGENT_MODULES = [m.strip() for m in env_str("DEX_AGENT_MODULES").split(",") if m.strip()]
 DEX_IDEMPOTENCY_TTL_SECONDS = env_float("DEX_IDEMPOTENCY_TTL_SECONDS", 24 * 3600)
+# Seconds of execution a run of a task without its own max_duration may use before it ends timed_out (DESIGN §3:
+# a runaway loop must not hold a worker forever). 0 = no limit.
+DEX_DEFAULT_MAX_DURATION = env_float("DEX_DEFAULT_MAX_DURATION", 3600.0)
+if DEX_DEFAULT_MAX_DURATION < 0:
+    raise ImproperlyConfigured("DEX_DEFAULT_MAX_DURATION must be 0 (no limit) or a number of seconds, not negative")
 # LLM providers (JSON, validated by runs.ai.providers) and price overrides; the local server when unset.
 DEX_LLM_PROVIDERS = env_str("DEX_LLM_PROVIDERS") or None
 DEX_LLM_PRICING = env_str("DEX_LLM_PRICING") or None
@@ -335,6 +343,18 @@ DEX_ALERT_WEBHOOK_SECRET = env_str("DEX_ALERT_WEBHOOK_SECRET")
 if DEX_ALERT_WEBHOOK_URL and not DEX_ALERT_WEBHOOK_SECRET:
     raise ImproperlyConfigured("DEX_ALERT_WEBHOOK_URL needs DEX_ALERT_WEBHOOK_SECRET: alert webhooks are signed")
 DEX_ALERT_EMAILS = [e.strip() for e in env_str("DEX_ALERT_EMAILS").split(",") if e.strip()]
+# Alert webhooks go out through runs.safe_fetch: public addresses only, so a destination can't reach what only
+# the server can (loopback, a cloud's metadata service, the private network). Receivers that are internal on
+# purpose are listed here: host names, addresses or networks, e.g. "alerts.internal,10.1.0.0/16,127.0.0.1".
+DEX_ALERT_ALLOW_PRIVATE_HOSTS = [h.strip() for h in env_str("DEX_ALERT_ALLOW_PRIVATE_HOSTS").split(",") if h.strip()]
+for _entry in DEX_ALERT_ALLOW_PRIVATE_HOSTS:
+    if "/" in _entry:
+        try:
+            ipaddress.ip_network(_entry, strict=False)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"DEX_ALERT_ALLOW_PRIVATE_HOSTS: {_entry!r} is not a network (e.g. 10.0.0.0/8)"
+            ) from None
 # A run waiting for an event or an approval longer than this raises a "stuck" alert (0: never).
 DEX_ALERT_STUCK_SECONDS = env_float("DEX_ALERT_STUCK_SECONDS", 3600.0)
 DEX_ALERT_MAX_ATTEMPTS = env_int("DEX_ALERT_MAX_ATTEMPTS", 6)

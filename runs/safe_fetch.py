@@ -15,7 +15,11 @@ DNS answers 10.0.0.5. So:
 - the body is read up to a byte cap, within an overall deadline.
 
 A refusal or failure is FetchError, whose message is meant to be read by the model (and the person looking
-at the run).
+at the run); its `reason` says the same without the URL, for a place that shows the URL already.
+
+`request(method, url, body=...)` is the same for other methods (alert webhooks POST through it): a POST
+follows only 307 and 308 (which keep the method and body), each new URL checked again; `trusted_hosts` names
+hosts whose addresses aren't checked (an operator's internal webhook receiver, DEX_ALERT_ALLOW_PRIVATE_HOSTS).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -42,6 +46,10 @@ _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 
 class FetchError(Exception):
     """The URL was refused or couldn't be fetched; the message says why, for the model to read."""
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise FetchError(f"could not resolve the host {host!r}: {exc}") from None
+        raise FetchError(f"could not resolve the host {host!r}: {exc}", reason="could not resolve the host") from None
     addresses: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
@@ -111,7 +119,7 @@ class _Target:
     ip: IPAddress
 
 
-def _vet(url: str, allow: Callable[[IPAddress], bool]) -> _Target:
+def _vet(url: str, allow: Callable[[IPAddress], bool], trusted_hosts: Collection[str] = ()) -> _Target:
     """Parse and check `url`; the address to connect to, or FetchError."""
     try:
         parts = urlsplit(url.strip())
@@ -136,12 +144,14 @@ def _vet(url: str, allow: Callable[[IPAddress], bool]) -> _Target:
     except ValueError:
         literal = None
     addresses = [literal] if literal is not None else _resolve(host, port)
+    trusted = host.lower() in trusted_hosts
     for ip in addresses:
-        if not allow(ip):
+        if not trusted and not allow(ip):
             shown = host if literal is not None else f"{host} ({ip})"
             raise FetchError(
                 f"refused {url[:200]!r}: {shown} is a private, loopback, link-local or otherwise non-public "
-                "address; only public internet hosts can be fetched"
+                "address; only public internet hosts can be fetched",
+                reason=f"refused: {shown} is not a public address",
             )
     path = parts.path or "/"
     if parts.query:
@@ -200,45 +210,75 @@ def fetch(
 ) -> Page:
     """GET `url` under the rules of this module. `allow` decides which addresses may be connected to (tests
     widen it to one address of their own; everyone else keeps the default)."""
+    return request("GET", url, max_bytes=max_bytes, timeout=timeout, max_redirects=max_redirects, allow=allow)
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_bytes: int = MAX_BYTES,
+    timeout: float = TIMEOUT,
+    max_redirects: int = MAX_REDIRECTS,
+    allow: Callable[[IPAddress], bool] = is_public_address,
+    trusted_hosts: Collection[str] = (),
+) -> Page:
+    """`method` `url` (with `body`) under the rules of this module; the answer, whatever its status (a redirect
+    this method doesn't follow comes back as it is). `trusted_hosts`: lower-case host names or address
+    literals exempt from the address check."""
     deadline = time.monotonic() + timeout
     current = url
+    follow = _REDIRECTS if method in ("GET", "HEAD") else {307, 308}
+    sent_headers = {"User-Agent": USER_AGENT, **(headers or {})}
     for _hop in range(max_redirects + 1):
-        target = _vet(current, allow)
+        target = _vet(current, allow, trusted_hosts)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise FetchError(f"fetching {url[:200]!r} took longer than {timeout:g}s")
+            raise FetchError(f"fetching {url[:200]!r} took longer than {timeout:g}s", reason="timed out")
         cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
         conn = cls(target, timeout=left)
         try:
-            conn.putrequest("GET", target.path, skip_host=True, skip_accept_encoding=True)
+            conn.putrequest(method, target.path, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", _host_header(target))
-            conn.putheader("User-Agent", USER_AGENT)
-            conn.putheader("Accept", "text/html, text/plain, application/json;q=0.9, */*;q=0.5")
+            if method == "GET":
+                conn.putheader("Accept", "text/html, text/plain, application/json;q=0.9, */*;q=0.5")
             conn.putheader("Accept-Encoding", "identity")
-            conn.endheaders()
+            for name, value in sent_headers.items():
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
             response = conn.getresponse()
-            if response.status in _REDIRECTS:
+            if response.status in follow:
                 location = response.getheader("Location")
                 if not location:
-                    raise FetchError(f"{current[:200]!r} answered {response.status} without a Location")
+                    raise FetchError(
+                        f"{current[:200]!r} answered {response.status} without a Location",
+                        reason=f"HTTP {response.status} without a Location",
+                    )
                 current = urljoin(current, location)
                 continue
-            body, truncated = _read(response, max_bytes, deadline, url, timeout)
+            data, truncated = _read(response, max_bytes, deadline, url, timeout)
             content_type = response.getheader("Content-Type", "") or ""
             return Page(
                 url=current,
                 status=response.status,
                 content_type=content_type,
-                text=body.decode(_charset(content_type), errors="replace"),
+                text=data.decode(_charset(content_type), errors="replace"),
                 truncated=truncated,
             )
         except FetchError:
             raise
+        except TimeoutError:
+            raise FetchError(f"fetching {url[:200]!r} took longer than {timeout:g}s", reason="timed out") from None
         except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
-            raise FetchError(f"could not fetch {current[:200]!r}: {exc or type(exc).__name__}") from None
+            why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise FetchError(f"could not fetch {current[:200]!r}: {exc or type(exc).__name__}", reason=why) from None
         finally:
             conn.close()
-    raise FetchError(f"{url[:200]!r} redirected more than {max_redirects} times")
+    raise FetchError(f"{url[:200]!r} redirected more than {max_redirects} times", reason="too many redirects")
 
 
 def _read(
@@ -248,7 +288,7 @@ def _read(
     size = 0
     while size <= max_bytes:
         if time.monotonic() > deadline:
-            raise FetchError(f"fetching {url[:200]!r} took longer than {timeout:g}s")
+            raise FetchError(f"fetching {url[:200]!r} took longer than {timeout:g}s", reason="timed out")
         chunk = response.read(min(64 * 1024, max_bytes + 1 - size))
         if not chunk:
             break

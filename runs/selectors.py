@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
@@ -126,6 +126,15 @@ class RunListFilters:
         return True
 
 
+def _shifted(when: datetime, by: timedelta) -> datetime:
+    """`when + by`, held at the first or last datetime: a filter may name 0001-01-01 or 9999-12-31, where the
+    id bound's slack would overflow (and an id bound there is no bound anyway)."""
+    try:
+        return when + by
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC) if by < timedelta(0) else datetime.max.replace(tzinfo=UTC)
+
+
 def run_queryset(*, filters: RunListFilters) -> QuerySet[Run]:
     """The runs passing `filters`, unordered and unsliced (the run list pages it; bulk actions cap it)."""
     runs = Run.objects.all()
@@ -145,11 +154,11 @@ def run_queryset(*, filters: RunListFilters) -> QuerySet[Run]:
     # every newer run. ID_CLOCK_SLACK keeps a run whose id and created_at straddle the bound.
     if filters.created_after is not None:
         runs = runs.filter(
-            created_at__gt=filters.created_after, id__gte=uuid7_floor(filters.created_after - ID_CLOCK_SLACK)
+            created_at__gt=filters.created_after, id__gte=uuid7_floor(_shifted(filters.created_after, -ID_CLOCK_SLACK))
         )
     if filters.created_before is not None:
         runs = runs.filter(
-            created_at__lt=filters.created_before, id__lt=uuid7_floor(filters.created_before + ID_CLOCK_SLACK)
+            created_at__lt=filters.created_before, id__lt=uuid7_floor(_shifted(filters.created_before, ID_CLOCK_SLACK))
         )
     if filters.search:
         # A key is only ever compared with `<> ''` excluded, so the planner can use the partial index

@@ -55,11 +55,13 @@ def run_trigger(
     replay_of: Run | None = None,
     validated: bool = False,
     by: Actor | None = None,
+    strict_idempotency: bool = False,
 ) -> tuple[Run, bool]:
     """Create a run of `task_id` (validating its payload) and enqueue it on commit.
 
     Returns (run, created): with an `idempotency_key` already used for this task within its TTL, the
-    existing run and False. Raises runs.sdk.registry.UnknownTask and pydantic.ValidationError.
+    existing run and False. Raises runs.sdk.registry.UnknownTask and pydantic.ValidationError, and with
+    `strict_idempotency` runs.engine.create.IdempotencyConflict for the same key with another payload.
 
     A trigger by a person (`by`: dashboard, CLI) is audited; the API's and the scheduler's triggers are the
     product's own traffic, recorded by the runs themselves.
@@ -79,6 +81,7 @@ def run_trigger(
             priority=priority,
             parent_id=parent.pk if parent is not None else None,
             replay_of_id=replay_of.pk if replay_of is not None else None,
+            strict_idempotency=strict_idempotency,
         )
         if by is not None:
             audit_record(by=by, action="trigger", run_ids=[run.pk], task=task_id, created=created)

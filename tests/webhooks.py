@@ -19,6 +19,8 @@ class Receiver:
     def __init__(self, statuses: list[int] | None = None):
         self.statuses = list(statuses or [])
         self.requests: list[Received] = []
+        self.location = "/elsewhere"  # where a 3xx points
+        self.reply = b""  # the body of an error answer (default: "receiver is down")
         self._lock = threading.Lock()
         receiver = self
 
@@ -30,10 +32,10 @@ class Receiver:
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 if 300 <= status < 400:
-                    self.send_header("Location", "/elsewhere")
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Type", "text/plain")
                 self.end_headers()
-                self.wfile.write(b"ok" if status < 300 else b"receiver is down")
+                self.wfile.write(b"ok" if status < 300 else receiver.reply or b"receiver is down")
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -30,12 +30,14 @@ from ninja.security import HttpBearer
 
 from runs import selectors, services
 from runs.api import keyauth
+from runs.engine.create import MAX_DELAY_SECONDS, IdempotencyConflict
 from runs.models import ApiKey, ApiKeyScope, Run, RunStatus, StepKind, StepStatus
 from runs.ops.audit import Actor
 from runs.sdk import Task
 from runs.sdk.registry import UnknownTask, registry
 from runs.services import RunStateError
 from runs.services import WaitpointError as _WaitpointError
+from runs.text import find_unstorable
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +71,31 @@ def _refuse_json_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class UnsupportedContentType(ValueError):
+    pass
+
+
+def _is_json_content_type(content_type: str) -> bool:
+    # request.content_type is the media type without its parameters; "" when the client sent none.
+    return content_type in ("", "application/json") or content_type.endswith("+json")
+
+
 class StrictJSONParser(Parser):
     """JSON as the spec has it: Python's json module also accepts NaN and Infinity, which Postgres's jsonb
-    would then refuse when the payload is stored — a 500 for what is really a bad request body."""
+    would then refuse when the payload is stored — a 500 for what is really a bad request body. A body sent as
+    a form or multipart (curl's `-d` without a Content-Type header, a browser form) is refused by name rather
+    than reported as "not valid JSON"."""
 
     def parse_body(self, request: HttpRequest) -> Any:
         limit = settings.DEX_MAX_PAYLOAD_BYTES
         # runs.api.middleware refuses a Content-Length over the limit; a chunked body has none, so measure it here.
         if len(request.body) > limit:
             raise RequestDataTooBig(f"the request body is {len(request.body):,} bytes; the limit is {limit:,} bytes")
+        content_type = (request.content_type or "").lower()
+        if request.body and not _is_json_content_type(content_type):
+            raise UnsupportedContentType(
+                f"the body must be JSON sent with `Content-Type: application/json`, not {content_type[:100]}"
+            )
         return json.loads(request.body, parse_constant=_refuse_json_constant)
 
 
@@ -98,38 +116,27 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
-DateTime = Annotated[datetime, pydantic.BeforeValidator(_rfc3339)]
+def _representable_in_utc(value: datetime) -> datetime:
+    # 0001-01-01T00:00:00+05:00 is before the first UTC instant Python (and so Dex) can hold, and
+    # 9999-12-31T23:00:00-05:00 after the last: a 422 naming the field, not an overflow deep in a query.
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("outside the dates Dex can represent (0001-01-01 to 9999-12-31, in UTC)") from None
+
+
+DateTime = Annotated[datetime, pydantic.BeforeValidator(_rfc3339), pydantic.AfterValidator(_representable_in_utc)]
 # Bounds that keep the values inside what Postgres (an integer column) and timedelta can hold.
-MAX_DELAY_SECONDS = 10 * 366 * 24 * 3600
 INT32 = 2**31 - 1
-
-
-def _unstorable_text(value: Any, loc: list[str | int]) -> dict[str, Any] | None:
-    """An error detail for the first string (or key) in `value` that Postgres can't store, else None."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return {"loc": loc, "msg": "text can't contain NUL (\\u0000) characters", "type": "unstorable_text"}
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            # A JSON "\ud800" escape decodes to a lone surrogate, which no UTF-8 database can hold.
-            return {"loc": loc, "msg": "text must be valid Unicode (no lone surrogates)", "type": "unstorable_text"}
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items:
-        found = (_unstorable_text(key, loc) if isinstance(key, str) else None) or _unstorable_text(item, [*loc, key])
-        if found:
-            return found
-    return None
 
 
 def _refuse_unstorable_text(**fields: Any) -> None:
     """Postgres text and jsonb refuse NUL characters and lone surrogates. A schema can't say so of free-form
     JSON, so this runs in the endpoint, after its 404s: a 422 naming the field, not a database error."""
     for name, value in fields.items():
-        detail = _unstorable_text(value, [name])
-        if detail:
-            raise RequestValidationError([detail])
+        found = find_unstorable(value, [name])
+        if found:
+            raise RequestValidationError([{"loc": found[0], "msg": found[1], "type": "unstorable_text"}])
 
 
 class ErrorDetail(Schema):
@@ -380,7 +387,9 @@ class TaskOut(Schema):
     payload_schema: dict[str, Any] | None = Field(description="JSON Schema of the payload `trigger` accepts.")
     is_async: bool
     retry: RetryOut
-    max_duration: float | None = Field(description="Seconds of execution before the run times out.")
+    max_duration: float | None = Field(
+        description="Seconds of execution before the run times out: the task's own, else DEX_DEFAULT_MAX_DURATION."
+    )
     timeout: float | None = Field(description="Default per-step timeout, in seconds.")
     concurrency: int | None
     concurrency_key: str | None
@@ -407,7 +416,7 @@ def _task_out(task: Task) -> dict[str, Any]:
         "payload_schema": schema,
         "is_async": task.is_async,
         "retry": task.retry,
-        "max_duration": task.max_duration,
+        "max_duration": task.deadline_seconds,
         "timeout": task.timeout,
         "concurrency": task.concurrency,
         "concurrency_key": task.concurrency_key,
@@ -463,17 +472,6 @@ def _payload_errors() -> Iterator[None]:
         raise RequestValidationError(_pydantic_details(exc, prefix=("payload",))) from exc
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:
-        # 0001-01-01T00:00:00+05:00 is before the first UTC instant Python can hold (and 9999-12-31 late in
-        # a western zone after the last): as a bound it means "no bound" either way.
-        return datetime.min.replace(tzinfo=UTC) if value.year == 1 else datetime.max.replace(tzinfo=UTC)
-
-
 @api.get(
     "/tasks",
     response={200: list[TaskOut], **_errors()},
@@ -498,10 +496,11 @@ def task_detail(request: HttpRequest, task_id: str) -> dict[str, Any]:
 
 @api.post(
     "/tasks/{task_id}/trigger",
-    response={201: RunOut, 200: RunOut, **_errors(400, 404, 413, 422)},
+    response={201: RunOut, 200: RunOut, **_errors(400, 404, 409, 413, 422)},
     tags=["tasks"],
     summary="Start a run",
-    description="201 with the new run; 200 with the existing run when `idempotency_key` was used already.",
+    description="201 with the new run; 200 with the existing run when `idempotency_key` was used already with "
+    "the same payload; 409 `idempotency_conflict` (naming that run in `details`) when it was used with another.",
     auth=scoped(ApiKeyScope.TRIGGER),
 )
 def task_trigger(request: HttpRequest, task_id: str, body: TriggerIn) -> Status[Run]:
@@ -515,6 +514,7 @@ def task_trigger(request: HttpRequest, task_id: str, body: TriggerIn) -> Status[
             tags=body.tags,
             delay=body.delay,
             priority=body.priority,
+            strict_idempotency=True,
         )
     return Status(201 if created else 200, run)
 
@@ -538,8 +538,8 @@ def runs_list(request: HttpRequest, filters: Query[RunFilters]) -> selectors.Run
         task_id=filters.task,
         tag=filters.tag,
         version=filters.version,
-        created_after=_utc(filters.created_after),
-        created_before=_utc(filters.created_before),
+        created_after=filters.created_after,
+        created_before=filters.created_before,
         cursor=str(filters.cursor) if filters.cursor else None,
         limit=filters.limit,
     )
@@ -720,6 +720,8 @@ def _on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     # ninja turns whatever the parser raised into "400 Cannot parse request body"; the cause says more.
     if isinstance(exc.__cause__, RequestDataTooBig):
         return _on_too_big(request, exc.__cause__)
+    if isinstance(exc.__cause__, UnsupportedContentType):
+        return error_response(400, "unsupported_content_type", str(exc.__cause__))
     if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
         return error_response(400, "invalid_json", f"the request body is not valid JSON: {exc.__cause__}")
     return error_response(exc.status_code, CODES.get(exc.status_code, "error"), exc.message)
@@ -743,6 +745,15 @@ def _on_does_not_exist(request: HttpRequest, exc: ObjectDoesNotExist) -> HttpRes
 @api.exception_handler(UnknownTask)
 def _on_unknown_task(request: HttpRequest, exc: UnknownTask) -> HttpResponse:
     return error_response(404, "unknown_task", str(exc))
+
+
+@api.exception_handler(IdempotencyConflict)
+def _on_idempotency_conflict(request: HttpRequest, exc: IdempotencyConflict) -> HttpResponse:
+    details = [{"loc": ["idempotency_key"], "msg": f"already used by run {exc.run.pk}", "type": "conflict"}]
+    response = error_response(409, "idempotency_conflict", str(exc), details=details)
+    # The first run, for a client that wants to go and look at it.
+    response["Location"] = f"/api/runs/{exc.run.pk}"
+    return response
 
 
 @api.exception_handler(RunStateError)

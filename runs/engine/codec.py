@@ -41,8 +41,16 @@ def encode_output(value: Any, *, what: str) -> str:
         raise StepOutputError(f"{what} returned a value that can't be stored as JSON: {exc}") from None
     if "\\u0000" in text:
         raise StepOutputError(f"{what} returned text containing a NUL character, which Postgres can't store")
+    try:
+        encoded = text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800", e.g. from a JSON escape or an undecodable file name): no UTF-8 database
+        # holds it, and finding out at the INSERT would crash the worker instead of failing the step.
+        raise StepOutputError(
+            f"{what} returned text that isn't valid Unicode (a lone surrogate), which Postgres can't store"
+        ) from None
     limit = settings.DEX_MAX_STEP_OUTPUT_BYTES
-    size = len(text.encode())
+    size = len(encoded)
     if size > limit:
         raise StepOutputError(f"{what} returned {size:,} bytes of JSON, over the limit of {limit:,} bytes")
     return text

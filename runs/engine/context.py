@@ -39,6 +39,7 @@ from runs.engine.plan import NO_RETRY, StepPlan, step_row
 from runs.models import StepKind, StepStatus
 from runs.redact import redact
 from runs.sdk import Cancelled, NonDeterminismError, NonRetriableError, Retry, StepTimeout, Task
+from runs.text import describe, find_unstorable, storable
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,9 @@ class RunContext(Pauses):
         """Live progress: pushed at once, stored with the next write (a step's commit or a heartbeat)."""
         self._guard()
         json.dumps(value, default=json_default)  # fail here, in the caller's code, if it can't be stored
+        found = find_unstorable(value, [key])  # (nor can Postgres's jsonb hold a NUL or a lone surrogate)
+        if found:
+            raise ValueError(f"ctx.set_metadata: {describe(found)}")
         with self._buffer.lock:
             self._buffer.metadata[key] = value
         realtime.publish_now(realtime.RunEvent("metadata", self.run_id, {"key": key, "value": value}))
@@ -207,7 +211,7 @@ class RunContext(Pauses):
             "step_key": step_key,
             "ts": now().isoformat(),
             "level": level,
-            "message": redact(message[:20200])[:20000],
+            "message": storable(redact(message[:20200])[:20000]),
             "origin": origin,
         }
         with self._buffer.lock:
@@ -224,10 +228,11 @@ class RunContext(Pauses):
 
     # -- boundaries ----------------------------------------------------------------------------------------
     def _remaining(self) -> float | None:
-        if self._task.max_duration is None:
+        deadline = self._task.deadline_seconds
+        if deadline is None:
             return None
         used = self._claim.executed_seconds + (time.monotonic() - self._claim.claimed_monotonic)
-        return self._task.max_duration - used
+        return deadline - used
 
     def _check_boundary(self) -> None:
         if self._lease_lost:

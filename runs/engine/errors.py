@@ -7,6 +7,7 @@ import traceback
 
 from runs.redact import redact
 from runs.sdk import Cancelled, NonRetriableError
+from runs.text import storable
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,11 @@ class StepOutputError(NonRetriableError):
 def error_info(exc: BaseException, *, step: str | None = None) -> dict:
     message = str(exc) or type(exc).__name__
     # Redacted before it is stored: an exception may quote a key, a password or a bearer token.
+    # storable: an exception may quote a NUL or a lone surrogate, which would fail the very write that records it.
     info = {
         "type": type(exc).__name__,
-        "message": redact(message),
-        "traceback": redact("".join(traceback.format_exception(exc))),
+        "message": storable(redact(message)),
+        "traceback": storable(redact("".join(traceback.format_exception(exc)))),
     }
     if step is not None:
         info["step"] = step

@@ -53,7 +53,8 @@ def run_execute(run_id: UUID | str, *, worker: str | None = None, heartbeat: boo
             RunStatus.FAILED,
             error={"type": "UnknownTask", "message": f"{exc}: is the worker's code up to date?"},
         )
-    if task.max_duration is not None and claim.executed_seconds >= task.max_duration:
+    deadline = task.deadline_seconds
+    if deadline is not None and claim.executed_seconds >= deadline:
         return run_settle(claim, Buffer(), RunStatus.TIMED_OUT, error=timed_out_error(task))
 
     # A run's first execution has no steps yet (unless it is a fork, which starts with copied ones).
@@ -158,4 +159,9 @@ def _fail_compensated(ctx: RunContext, error: dict) -> str | None:
 
 
 def timed_out_error(task: Task) -> dict:
-    return {"type": "RunTimedOut", "message": f"the run used up its max_duration of {task.max_duration:g}s"}
+    deadline = task.deadline_seconds or 0
+    if task.max_duration is None:
+        message = f"the run used up DEX_DEFAULT_MAX_DURATION ({deadline:g}s; the task sets no max_duration)"
+    else:
+        message = f"the run used up its max_duration of {deadline:g}s"
+    return {"type": "RunTimedOut", "message": message}

@@ -26,15 +26,15 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from http import HTTPStatus
 from typing import Any
 from uuid import UUID
 
@@ -46,6 +46,7 @@ from django.db.models.functions import Now
 from django.urls import reverse
 from django.utils import timezone
 
+from runs import safe_fetch
 from runs.models import (
     Alert,
     AlertChannel,
@@ -57,6 +58,7 @@ from runs.models import (
     RunStatus,
 )
 from runs.ops.audit import Actor, audit_record
+from runs.redact import redact
 from runs.sdk import parse_alert_target
 from runs.sdk.registry import UnknownTask, registry
 
@@ -269,19 +271,13 @@ def signature_verify(
 
 
 class DeliveryFailed(Exception):
-    def __init__(self, message: str, *, status: int | None = None):
+    """A failed attempt: the message is a short reason (shown to everyone who may see /alerts/), never the
+    receiver's reply; `response` is an excerpt of that reply, redacted, kept in the delivery's history."""
+
+    def __init__(self, message: str, *, status: int | None = None, response: str = ""):
         super().__init__(message)
         self.status = status
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is a failed delivery (with its status), not a silent re-POST-as-GET somewhere else."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirects)
+        self.response = response
 
 
 def _secret_for(delivery: AlertDelivery) -> str:
@@ -290,7 +286,22 @@ def _secret_for(delivery: AlertDelivery) -> str:
     return settings.DEX_ALERT_WEBHOOK_SECRET
 
 
+def _private_hosts() -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    """DEX_ALERT_ALLOW_PRIVATE_HOSTS as (host names, networks): an operator's internal receivers."""
+    names, networks = set(), []
+    for entry in settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            names.add(entry.lower().rstrip("."))
+    return names, networks
+
+
 def _send_webhook(delivery: AlertDelivery) -> int:
+    """POST the alert through runs.safe_fetch: a destination is typed by an operator, and the server must not
+    become their way into what only it can reach (a cloud's metadata service, an admin port on loopback) —
+    so public addresses only, redirects (307/308) checked again, unless DEX_ALERT_ALLOW_PRIVATE_HOSTS names
+    the host or its network."""
     body = json.dumps(delivery.alert.payload, default=str).encode()
     headers = {
         "Content-Type": "application/json",
@@ -302,16 +313,48 @@ def _send_webhook(delivery: AlertDelivery) -> int:
     secret = _secret_for(delivery)
     if secret:
         headers[SIGNATURE_HEADER] = signature_header(secret, body)
-    request = urllib.request.Request(delivery.target, data=body, headers=headers, method="POST")
+    names, networks = _private_hosts()
+
+    def allowed(ip: safe_fetch.IPAddress) -> bool:
+        return safe_fetch.is_public_address(ip) or any(ip in net for net in networks)
+
     try:
-        with _opener.open(request, timeout=settings.DEX_ALERT_TIMEOUT_SECONDS) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        excerpt = exc.read(_MAX_RESPONSE_EXCERPT).decode(errors="replace").strip()
-        raise DeliveryFailed(f"HTTP {exc.code}" + (f": {excerpt}" if excerpt else ""), status=exc.code) from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DeliveryFailed(f"could not reach {delivery.target}: {reason}") from None
+        page = safe_fetch.request(
+            "POST",
+            delivery.target,
+            body=body,
+            headers=headers,
+            timeout=settings.DEX_ALERT_TIMEOUT_SECONDS,
+            max_bytes=_MAX_RESPONSE_EXCERPT,
+            allow=allowed,
+            trusted_hosts=names,
+        )
+    except safe_fetch.FetchError as exc:
+        # The reason only ("connection refused", "timed out", "refused: … is not a public address"): the URL
+        # is shown beside it already.
+        raise DeliveryFailed(exc.reason[:200]) from None
+    if 200 <= page.status < 300:
+        return page.status
+    # The reply's body is the receiver's (or, were it a service it shouldn't reach, that service's): it goes
+    # to the delivery's history, redacted and cut short, never into the reason everyone sees.
+    raise DeliveryFailed(
+        f"HTTP {page.status} {_phrase(page.status)}".strip(),
+        status=page.status,
+        response=redact(page.text.strip())[:_MAX_RESPONSE_EXCERPT],
+    )
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def delivery_response_excerpt(delivery: AlertDelivery) -> str:
+    """The start of the receiver's reply to the last attempt (redacted), for the operator testing it."""
+    last = delivery.history[-1] if delivery.history else {}
+    return str(last.get("response") or "")
 
 
 def _email_text(payload: dict) -> tuple[str, str]:
@@ -376,13 +419,13 @@ def delivery_send(delivery_id: int, *, max_attempts: int | None = None) -> Attem
     delivery = AlertDelivery.objects.select_related("alert", "destination").get(pk=delivery_id)
     started = time.monotonic()
     status: int | None = None
-    error = ""
+    error = response = ""
     try:
         send = _send_webhook if delivery.channel == AlertChannel.WEBHOOK else _send_email
         status = send(delivery)
         ok = True
     except DeliveryFailed as exc:
-        ok, status, error = False, exc.status, str(exc)
+        ok, status, error, response = False, exc.status, str(exc), exc.response
     record = {
         "attempt": delivery.attempts,
         "at": timezone.now().isoformat(),
@@ -391,6 +434,8 @@ def delivery_send(delivery_id: int, *, max_attempts: int | None = None) -> Attem
         "error": error,
         "ms": round((time.monotonic() - started) * 1000),
     }
+    if response:
+        record["response"] = response
     delivery.history = [*delivery.history, record]
     delivery.response_status = status
     delivery.last_error = error

@@ -12,6 +12,7 @@ starts one run per due slot and moves `next_run_at` on. Two kinds of schedule ex
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +28,7 @@ from runs import services
 from runs.models import Run, Schedule, ScheduleSource
 from runs.ops.audit import Actor, audit_record
 from runs.sdk.registry import UnknownTask, registry
+from runs.text import describe, find_unstorable, unstorable_reason
 
 log = logging.getLogger("dex.schedules")
 
@@ -61,6 +63,52 @@ def _db_now() -> datetime:
 
 # --- validation ----------------------------------------------------------------------------------------------
 
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_MONTHS = {m: i for i, m in enumerate(_MONTH_NAMES, start=1)}
+_DAYS = {d: i for i, d in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
+# (name, lowest, highest, names): day-of-week 7 is Sunday again, as in every cron.
+_FIELDS = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day-of-month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 7, _DAYS),
+)
+_PART = re.compile(r"^(?P<base>\*|(?P<lo>[0-9a-z]+)(?:-(?P<hi>[0-9a-z]+))?)(?:/(?P<step>[0-9]+))?$")
+
+
+def cron_field_errors(cron: str) -> list[str]:
+    """What is wrong with each field of a five-field `cron`, field by field (empty: nothing). croniter accepts
+    reversed ranges (`5-1`), steps of any size (`*/99999999999999999999`) and `7-1` for day-of-week, reading
+    each as something nobody meant; they are refused here with the field named. croniter's own extensions
+    (`L`, `#`, `?`) are left to croniter."""
+    errors = []
+    for text, (field, lowest, highest, names) in zip(cron.lower().split(), _FIELDS, strict=True):
+        name = f"the cron's {field} field"
+        for part in text.split(","):
+            if any(ch in part for ch in "l#?") and field in ("day-of-month", "day-of-week"):
+                continue
+            match = _PART.match(part)
+            if not match:
+                errors.append(f"{name}: {part!r} is not a value, a range (1-5), * or a step (*/15, 1-30/5)")
+                continue
+            lo_text, hi_text, step = match["lo"], match["hi"], match["step"]
+            bounds = [(t, _cron_value(t, lowest, highest, names)) for t in (lo_text, hi_text) if t is not None]
+            bad = [t for t, v in bounds if v is None]
+            if bad:
+                errors.append(f"{name}: {bad[0]!r} is not a number from {lowest} to {highest}")
+                continue
+            if hi_text is not None and bounds[0][1] > bounds[1][1]:  # type: ignore[operator]
+                errors.append(f"{name}: the range {lo_text}-{hi_text} runs backwards (cron ranges don't wrap around)")
+            if step is not None and not 1 <= int(step) <= highest:
+                errors.append(f"{name}: the step /{step} is out of range (1 to {highest})")
+    return list(dict.fromkeys(errors))
+
+
+def _cron_value(token: str, lowest: int, highest: int, names: dict[str, int]) -> int | None:
+    number = int(token) if token.isdigit() else names.get(token)
+    return number if number is not None and lowest <= number <= highest else None
+
 
 def schedule_validate(*, task_id: str, cron: str, timezone: str, payload: Any) -> tuple[str, str, dict]:
     """Check a schedule's fields together. Returns (cron, timezone, payload) normalised (single spaces, the
@@ -70,6 +118,10 @@ def schedule_validate(*, task_id: str, cron: str, timezone: str, payload: Any) -
     cron_ok = tz_ok = False
     if len(cron.split()) != 5:
         errors["cron"] = [f"a cron expression has five fields ({CRON_FIELDS}); got {cron!r}"]
+    elif unstorable_reason(cron):
+        errors["cron"] = [f"the cron expression is not valid: {unstorable_reason(cron)}"]
+    elif field_errors := cron_field_errors(cron):
+        errors["cron"] = field_errors
     elif not croniter.is_valid(cron):
         errors["cron"] = [f"{cron!r} is not a valid cron expression ({CRON_FIELDS})"]
     else:
@@ -95,6 +147,11 @@ def schedule_validate(*, task_id: str, cron: str, timezone: str, payload: Any) -
             errors["payload"] = [
                 f"{'.'.join(str(part) for part in err['loc']) or 'payload'}: {err['msg']}" for err in exc.errors()
             ]
+        else:
+            # Postgres's jsonb can't hold a NUL or a lone surrogate; found here, it is a form error, not a 500.
+            found = find_unstorable(payload)
+            if found:
+                errors["payload"] = [describe(found)]
     if errors:
         raise ScheduleInvalid(errors)
     return cron, str(timezone), payload

@@ -22,8 +22,10 @@ from functools import cached_property
 from typing import Any
 
 import pydantic
+from pydantic_core import PydanticCustomError
 
 from runs.sdk.registry import registry
+from runs.text import find_unstorable
 
 __all__ = [
     "Cancelled",
@@ -130,6 +132,17 @@ class Task:
         return self.fn(*args, **kwargs)
 
     @property
+    def deadline_seconds(self) -> float | None:
+        """Execution time a run of this task may use: its `max_duration`, else DEX_DEFAULT_MAX_DURATION (DESIGN
+        §3: so no run holds a worker forever by mistake); None when both leave it unbounded."""
+        if self.max_duration is not None:
+            return self.max_duration
+        from django.conf import settings  # read per run: tests and deployments change it without re-registering
+
+        default = getattr(settings, "DEX_DEFAULT_MAX_DURATION", 0) or 0
+        return float(default) if default > 0 else None
+
+    @property
     def qualified_name(self) -> str:
         return f"{self.fn.__module__}.{self.fn.__qualname__}"
 
@@ -146,7 +159,8 @@ class Task:
 
     @cached_property
     def _hints(self) -> dict[str, Any]:
-        # include_extras: `Annotated[int, Field(ge=1)]` keeps its constraints (the payload model, the form).
+        # include_extras keeps `Annotated[int, Field(ge=1, le=100)]`: a task's input bounds, which the API and
+        # the dashboard then enforce before a run exists.
         return typing.get_type_hints(self.fn, include_extras=True)
 
     @cached_property
@@ -180,7 +194,17 @@ class Task:
     def validate_payload(self, payload: Any) -> dict:
         """Validate and normalise a payload; raises pydantic.ValidationError. Returns the JSON form stored."""
         model = self.payload_model.model_validate(payload if payload is not None else {})
-        return model.model_dump(mode="json")
+        stored = model.model_dump(mode="json")
+        # Postgres's jsonb can't hold a NUL or a lone surrogate; whatever the hints allow, such a payload is a
+        # validation error naming the field (every caller shows those), not a database error later.
+        found = find_unstorable(stored)
+        if found:
+            loc, reason = found
+            error = PydanticCustomError("unstorable_text", reason)
+            raise pydantic.ValidationError.from_exception_data(
+                self.payload_model.__name__, [{"type": error, "loc": tuple(loc), "input": "…"}]
+            )
+        return stored
 
     def call_arguments(self, payload: dict) -> dict[str, Any]:
         """Keyword arguments for the task function from a stored payload."""

@@ -155,5 +155,9 @@ def alert_test(request: HttpRequest, destination_id: int) -> HttpResponse:
         how = f"HTTP {delivery.response_status}" if dest.kind == AlertChannel.WEBHOOK else "handed to the mail server"
         messages.success(request, f"Test alert delivered to {dest.target} ({how}).")
     else:
-        messages.error(request, f"Test alert to {dest.target} failed: {delivery.last_error}")
+        # Only the operator who pressed the button sees the reply's start (redacted, 300 characters, escaped
+        # by the template); the delivery list shows everyone the short reason alone.
+        excerpt = alerts.delivery_response_excerpt(delivery)
+        answered = f" The receiver answered: {excerpt}" if excerpt else ""
+        messages.error(request, f"Test alert to {dest.target} failed: {delivery.last_error}.{answered}")
     return redirect("alert-list")

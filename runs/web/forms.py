@@ -20,8 +20,10 @@ from django import forms
 from django.core.validators import RegexValidator
 from pydantic_core import PydanticUndefined
 
+from runs.engine.create import MAX_DELAY_SECONDS
 from runs.models import ApiKeyScope, Schedule, apikey_all_scopes
 from runs.sdk.registry import registry
+from runs.text import describe, find_unstorable
 
 # Field-name prefix of the payload fields, so a payload field called `tags` or `delay` can't collide with the
 # run options of the same form.
@@ -151,7 +153,22 @@ class JSONTextField(forms.JSONField):
         super().__init__(**kwargs)
 
     def prepare_value(self, value: Any) -> Any:
-        return "" if value is None else super().prepare_value(value)
+        if value is None:
+            return ""
+        text = super().prepare_value(value)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            # A lone surrogate (from a "\ud800" escape) can't be written into a UTF-8 page: echo it escaped.
+            return json.dumps(value, ensure_ascii=True, cls=self.encoder)
+        return text
+
+    def validate(self, value: Any) -> None:
+        super().validate(value)
+        # "\u0000" and lone surrogates parse as JSON but Postgres's jsonb can't store them (issue 12).
+        found = find_unstorable(value)
+        if found:
+            raise forms.ValidationError(describe(found))
 
 
 class TextField(forms.CharField):
@@ -282,7 +299,9 @@ class TriggerOptionsForm(forms.Form):
         required=False, max_length=255, help_text="A second trigger with the same key returns the first run."
     )
     tags = forms.CharField(required=False, max_length=500, help_text="Comma-separated.")
-    delay = forms.FloatField(required=False, min_value=0, help_text="Seconds before the run starts.")
+    delay = forms.FloatField(
+        required=False, min_value=0, max_value=MAX_DELAY_SECONDS, help_text="Seconds before the run starts."
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("prefix", OPTIONS_PREFIX)

@@ -3,7 +3,7 @@ fields of a bulk action "by filter"), so one link, one socket and one bulk actio
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from urllib.parse import urlencode
 
 from django import forms
@@ -40,7 +40,8 @@ class RunFilterForm(forms.Form):
             version=(data.get("version") or "").strip(),
             # Dates are whole days in the current time zone; "to" includes its day.
             created_after=_start_of(after) if after else None,
-            created_before=_start_of(before + timedelta(days=1)) if before else None,
+            # (9999-12-31 has no next day: "to" the last date is no bound.)
+            created_before=_start_of(before + timedelta(days=1)) if before and before < date.max else None,
             search=(data.get("q") or "").strip(),
             # Child runs show under their parent; a search for one, or its task, finds it on its own.
             top_level=not (data.get("q") or "").strip() and not (data.get("task") or "").strip(),

@@ -28,10 +28,11 @@ def test_a_failing_run_sends_one_signed_webhook_retried_after_a_500_and_an_email
         AlertDestination.objects.create(kind="email", target="oncall@example.com")
         worker = processes.worker(
             DEX_ALERT_RETRY_INITIAL_SECONDS="0.3",
+            DEX_ALERT_ALLOW_PRIVATE_HOSTS="127.0.0.1",  # the receiver listens on loopback
             DEX_EMAIL_BACKEND="django.core.mail.backends.console.EmailBackend",
         )
         # The retry after the 500 is sent by the scheduler's alert scan once its back-off is over.
-        processes.scheduler(DEX_ALERT_SCAN_SECONDS="0.2")
+        processes.scheduler(DEX_ALERT_SCAN_SECONDS="0.2", DEX_ALERT_ALLOW_PRIVATE_HOSTS="127.0.0.1")
         run, _ = services.run_trigger(task_id="t-fails", payload={"ledger": str(ledger), "nonretriable": True})
 
         webhook = AlertDelivery.objects.filter(alert__run=run, channel="webhook")

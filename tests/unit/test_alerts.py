@@ -39,6 +39,12 @@ pytestmark = pytest.mark.django_db
 SECRET = "whsec_test-secret"
 
 
+@pytest.fixture(autouse=True)
+def loopback_receivers_allowed(settings) -> None:
+    """The receivers here listen on loopback, which alert webhooks may reach only when an operator says so."""
+    settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS = ["127.0.0.1"]
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     with Receiver() as r:
@@ -147,7 +153,8 @@ def test_a_webhook_is_signed_and_a_500_is_retried_with_back_off(receiver: Receiv
     assert not first.ok and first.retry_in == 5
     delivery.refresh_from_db()
     assert delivery.status == AlertDeliveryStatus.PENDING and delivery.attempts == 1
-    assert delivery.history[0]["status"] == 500 and "HTTP 500: receiver is down" in delivery.last_error
+    assert delivery.history[0]["status"] == 500 and delivery.last_error == "HTTP 500 Internal Server Error"
+    assert delivery.history[0]["response"] == "receiver is down"  # kept, never in the reason shown to all
     assert delivery.next_attempt_at > timezone.now()
     assert alerts.delivery_send(delivery.pk).not_due  # not before its back-off
     assert alerts.alerts_scan().resent == 0  # the back-off waits in Postgres, not in a countdown message
@@ -185,7 +192,7 @@ def test_it_gives_up_after_the_max_attempts(settings) -> None:
     assert alerts.delivery_send(delivery.pk).retry_in is None
     delivery.refresh_from_db()
     assert delivery.status == AlertDeliveryStatus.FAILED and delivery.next_attempt_at is None
-    assert "could not reach" in delivery.last_error and len(delivery.history) == 2
+    assert delivery.last_error == "Connection refused" and len(delivery.history) == 2
 
 
 def test_a_redirect_is_a_failed_attempt_not_a_silent_get_elsewhere() -> None:
@@ -309,7 +316,8 @@ def test_a_failing_test_alert_says_why(operator: Client, settings) -> None:
     with Receiver([503]) as down:
         dest = AlertDestination.objects.create(kind="webhook", target=down.url, secret=SECRET)
         page = operator.post(f"/alerts/{dest.pk}/test/", follow=True).content.decode()
-    assert f"Test alert to {down.url} failed: HTTP 503: receiver is down" in page
+    reason = "HTTP 503 Service Unavailable. The receiver answered: receiver is down"
+    assert f"Test alert to {down.url} failed: {reason}" in page
     assert AlertDelivery.objects.get().status == AlertDeliveryStatus.FAILED  # a test is tried once
 
 
@@ -341,3 +349,66 @@ def test_settings_and_task_destinations_are_listed_read_only(viewer: Client, set
     page = viewer.get("/alerts/").content.decode()
     assert "oncall@example.com" in page and "read-only: from DEX_ALERT_EMAILS" in page
     assert '<a href="/alerts/" aria-current="page">Alerts</a>' in page
+
+
+# --- no reach inside (issue 12: SSRF through alert webhooks) ----------------------------------------------
+
+
+def test_a_loopback_webhook_is_refused_without_a_connection_unless_allowed(settings, receiver: Receiver) -> None:
+    settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS = []
+    AlertDestination.objects.create(kind="webhook", target=receiver.url, secret=SECRET)
+    delivery = alerts.alert_raise(run=_failed_run(), kind=AlertKind.FAILED).deliveries.get()
+    assert not alerts.delivery_send(delivery.pk).ok
+    delivery.refresh_from_db()
+    assert delivery.last_error == "refused: 127.0.0.1 is not a public address"
+    assert receiver.count() == 0  # not even a connection: no port-scan oracle
+
+    settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS = ["127.0.0.0/8"]  # a network works as well as an address
+    _due_now(delivery)
+    assert alerts.delivery_send(delivery.pk).ok and receiver.count() == 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.7/hook", "http://[::1]:9/x", "http://0.0.0.0:9/"],
+)
+def test_metadata_and_private_addresses_are_refused(settings, target: str) -> None:
+    settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS = []
+    AlertDestination.objects.create(kind="webhook", target=target, secret=SECRET)
+    delivery = alerts.alert_raise(run=_failed_run(), kind=AlertKind.FAILED).deliveries.get()
+    attempt = alerts.delivery_send(delivery.pk)
+    assert not attempt.ok and "is not a public address" in attempt.delivery.last_error
+
+
+def test_a_redirect_to_a_host_that_is_not_allowed_is_refused(settings) -> None:
+    settings.DEX_ALERT_ALLOW_PRIVATE_HOSTS = ["localhost"]  # by name: its addresses aren't checked, others are
+    with Receiver([307]) as moved:
+        moved.location = f"http://127.0.0.1:{moved.server.server_address[1]}/inside"
+        target = moved.url.replace("127.0.0.1", "localhost")
+        AlertDestination.objects.create(kind="webhook", target=target, secret=SECRET)
+        delivery = alerts.alert_raise(run=_failed_run(), kind=AlertKind.FAILED).deliveries.get()
+        attempt = alerts.delivery_send(delivery.pk)
+    assert not attempt.ok and attempt.delivery.last_error == "refused: 127.0.0.1 is not a public address"
+    assert [r.path for r in moved.requests] == ["/hooks/dex"]  # the redirect was not followed
+
+
+def test_viewers_see_status_timing_and_reason_but_never_the_reply(viewer: Client, receiver: Receiver) -> None:
+    receiver.statuses = [500]
+    receiver.reply = b"<script>alert(1)</script> internal: token=sk-live-abcdefghijklmnopqrstuvwxyz012345"
+    AlertDestination.objects.create(kind="webhook", target=receiver.url, secret=SECRET)
+    delivery = alerts.alert_raise(run=_failed_run(), kind=AlertKind.FAILED).deliveries.get()
+    alerts.delivery_send(delivery.pk)
+    page = viewer.get("/alerts/").content.decode()
+    assert "HTTP 500 Internal Server Error" in page and "data-delivery-ms" in page
+    assert "internal:" not in page and "<script>alert(1)" not in page
+    delivery.refresh_from_db()
+    assert "sk-live-abcdefghijklmnopqrstuvwxyz012345" not in delivery.history[0]["response"]  # redacted
+
+
+def test_an_operator_testing_a_webhook_sees_the_reply_redacted_and_escaped(operator: Client) -> None:
+    with Receiver([502]) as down:
+        down.reply = b"<b>bad gateway</b> Authorization: Bearer abcdefghijklmnopqrstuvwxyz" + b"x" * 2000
+        dest = AlertDestination.objects.create(kind="webhook", target=down.url, secret=SECRET)
+        page = operator.post(f"/alerts/{dest.pk}/test/", follow=True).content.decode()
+    assert "The receiver answered: &lt;b&gt;bad gateway&lt;/b&gt;" in page
+    assert "abcdefghijklmnopqrstuvwxyz" not in page and "x" * 400 not in page

@@ -74,6 +74,8 @@ def test_trigger_wait_fails_when_the_run_did_not_complete() -> None:
         (["trigger", "t-typed", "--payload", "@/nonexistent/p.json"], "--payload: cannot read /nonexistent/p.json"),
         (["trigger", "t-typed", "--payload", '{"count": "many"}'], "invalid payload for t-typed: name: Field required"),
         (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "-1"], "--delay must not be negative"),
+        (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "1e300"], "--delay must be at most"),
+        (["trigger", "t-typed", "--payload", '{"name": "x"}', "--delay", "nan"], "--delay must be at most"),
         (["--user", "nobody", "trigger", "t-typed"], "no user 'nobody'"),
         (["runs", "--status", "exploded"], "unknown status 'exploded'; choose from delayed, queued"),
         (["runs", "--limit", "0"], "--limit must be between 1 and 1000"),
@@ -81,6 +83,14 @@ def test_trigger_wait_fails_when_the_run_did_not_complete() -> None:
         (["retry", "01a20ee7-abd7-71bf-b193-9bb3daf22d65"], "no run 01a20ee7-abd7-71bf-b193-9bb3daf22d65"),
         (["events", "send", "order.paid", "--data", "nope"], "--data is not valid JSON"),
         (["events", "send", "  "], "the event name must not be empty"),
+        # Text Postgres can't store: a NUL (through call_command, or a JSON escape) or a lone surrogate (an
+        # argument that wasn't UTF-8, as Python decodes argv).
+        (["trigger", "t-typed", "--payload", '{"name": "a\\u0000"}'], "--payload: name: text can't contain NUL"),
+        (["trigger", "t-typed", "--payload", '{"name": "x"}', "--tag", "a\x00"], "--tag: text can't contain NUL"),
+        (["trigger", "t-typed", "--idempotency-key", "k\udcff"], "--idempotency-key: text must be valid Unicode"),
+        (["events", "send", "order\x00paid"], "--name: text can't contain NUL"),
+        (["events", "send", "ok", "--data", '{"k": "\\ud800"}'], "--data: k: text must be valid Unicode"),
+        (["cancel", "\x00"], "--run-id: text can't contain NUL"),
     ],
 )
 def test_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
@@ -88,6 +98,18 @@ def test_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
         dex(*args)
     assert message in str(excinfo.value)
     assert not Run.objects.exists() and not Event.objects.exists() and not AuditEntry.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["create", "--name", "ci\x00"], "--name: text can't contain NUL"),
+        (["revoke", "dex_\x00"], "--key: text can't contain NUL"),
+    ],
+)
+def test_apikey_refuses_text_postgres_cannot_store(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError, match=message):
+        call_command("apikey", *args, stdout=StringIO(), stderr=StringIO())
 
 
 def test_errors_exit_non_zero_from_the_shell(dex_env: dict[str, str]) -> None:

@@ -57,8 +57,46 @@ def test_it_rejects_a_cron_that_is_not_five_valid_fields(cron):
     assert "cron" in errors["cron"][0] or "five fields" in errors["cron"][0]
 
 
-def test_it_rejects_a_cron_that_never_matches():
-    assert _invalid(cron="0 0 31 2 *") == {"cron": ["'0 0 31 2 *' never matches a date"]}
+@pytest.mark.parametrize("cron", ["0 0 31 2 *", "0 0 30 2 *", "0 0 31 4,6,9,11 *"])
+def test_it_rejects_a_cron_that_never_matches(cron):
+    assert _invalid(cron=cron) == {"cron": [f"{cron!r} never matches a date"]}
+
+
+@pytest.mark.parametrize(
+    "cron, message",
+    [
+        ("1-0 * * * *", "the cron's minute field: the range 1-0 runs backwards (cron ranges don't wrap around)"),
+        ("* 23-5 * * *", "the cron's hour field: the range 23-5 runs backwards"),
+        ("* * * * 7-1", "the cron's day-of-week field: the range 7-1 runs backwards"),
+        ("* * * * fri-mon", "the cron's day-of-week field: the range fri-mon runs backwards"),
+        ("*/99999999999999999999 * * * *", "the cron's minute field: the step /99999999999999999999 is out of range"),
+        ("*/60 * * * *", "the cron's minute field: the step /60 is out of range (1 to 59)"),
+        ("0 0 1-31/40 * *", "the cron's day-of-month field: the step /40 is out of range (1 to 31)"),
+        ("0 0 * 13 *", "the cron's month field: '13' is not a number from 1 to 12"),
+        ("0 0 * * 8", "the cron's day-of-week field: '8' is not a number from 0 to 7"),
+        ("0,,5 * * * *", "the cron's minute field: '' is not a value"),
+        ("0 0 * * 1\x00", "the cron expression is not valid: text can't contain NUL"),
+    ],
+)
+def test_it_rejects_a_cron_field_that_croniter_would_read_as_something_else(cron, message):
+    errors = _invalid(cron=cron)
+    assert list(errors) == ["cron"]
+    assert errors["cron"][0].startswith(message), errors["cron"]
+
+
+@pytest.mark.parametrize(
+    "cron",
+    ["0 9 * * 1-5", "*/15 * * * *", "0 0 * * 0-7", "0 0 1 jan *", "0 0 * * MON-FRI", "5-55/10 * * * *", "0 0 L * *"],
+)
+def test_it_accepts_the_crons_people_write(cron):
+    schedules.schedule_validate(task_id="u-sched-plain", cron=cron, timezone="UTC", payload={"name": "a"})
+
+
+@pytest.mark.parametrize("payload", [{"name": "a\x00"}, {"name": "\ud800"}])
+def test_it_rejects_a_payload_postgres_cannot_store(payload):
+    errors = _invalid(payload=payload)
+    assert list(errors) == ["payload"]
+    assert errors["payload"][0].startswith("name: text can't contain NUL") or "valid Unicode" in errors["payload"][0]
 
 
 @pytest.mark.parametrize("tz", ["Mars/Olympus_Mons", "", "../etc/passwd"])
@@ -259,3 +297,18 @@ def test_sync_skips_a_declared_schedule_that_does_not_validate(monkeypatch, capl
     schedules.schedules_sync_from_code()
     assert not Schedule.objects.filter(task_id="u-sched-code").exists()
     assert "u-sched-code: schedule='every minute' is not usable" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "cron, payload, message",
+    [
+        ("* * * * 7-1", '{"name": "x"}', "the cron&#x27;s day-of-week field: the range 7-1 runs backwards"),
+        ("0 0 30 2 *", '{"name": "x"}', "never matches a date"),
+        ("* * * * *", '{"name": "x\\u0000"}', "name: text can&#x27;t contain NUL"),
+    ],
+)
+def test_the_dashboard_form_shows_why_a_schedule_is_refused(operator, cron, payload, message):
+    response = operator.post("/schedules/", {"task_id": "t-typed", "cron": cron, "timezone": "UTC", "payload": payload})
+    assert response.status_code == 422
+    assert message in response.content.decode()
+    assert not Schedule.objects.exists()

@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from runs import services
 from runs.models import ApiKey, ApiKeyScope
 from runs.ops.audit import Actor
+from runs.text import unstorable_option
 
 SCOPES = [scope.value for scope in ApiKeyScope]
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -46,6 +47,9 @@ class Command(BaseCommand):
         revoke.add_argument("key", metavar="PREFIX_OR_ID", help="The key's id, its prefix (as listed) or the key.")
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
+        problem = unstorable_option(options)
+        if problem:
+            raise CommandError(problem)
         if action == "create":
             self.create_key(options["name"], options.get("scopes"), options.get("expires_in"))
         elif action == "list":

@@ -27,10 +27,12 @@ from django.utils import timezone
 
 from runs import services
 from runs.ai import cassettes
+from runs.engine.create import MAX_DELAY_SECONDS, IdempotencyConflict
 from runs.models import Event, Run, RunStatus
 from runs.ops.audit import Actor
 from runs.sdk.registry import UnknownTask, registry
 from runs.services import event_send
+from runs.text import describe, find_unstorable, unstorable_option
 
 MAX_LIMIT = 1000
 
@@ -81,6 +83,9 @@ class Command(BaseCommand):
         export.add_argument("-o", "--output", required=True, help="The cassette file to write ('-': stdout).")
 
     def handle(self, *args: Any, action: str, user: str | None = None, **options: Any) -> None:
+        problem = unstorable_option({"user": user, **options})
+        if problem:
+            raise CommandError(problem)
         self.actor = Actor.cli(_user(user))
         if action == "trigger":
             self.trigger(options)
@@ -114,6 +119,8 @@ class Command(BaseCommand):
             raise CommandError('--payload must be a JSON object, e.g. \'{"topic": "x"}\'')
         if options["delay"] is not None and options["delay"] < 0:
             raise CommandError("--delay must not be negative")
+        if options["delay"] is not None and not options["delay"] <= MAX_DELAY_SECONDS:
+            raise CommandError(f"--delay must be at most {MAX_DELAY_SECONDS:,} seconds (about ten years)")
         try:
             run, created = services.run_trigger(
                 task_id=task_id,
@@ -122,7 +129,10 @@ class Command(BaseCommand):
                 tags=options["tag"],
                 delay=options["delay"],
                 by=self.actor,
+                strict_idempotency=True,
             )
+        except IdempotencyConflict as exc:
+            raise CommandError(str(exc)) from None
         except UnknownTask:
             known = ", ".join(t.id for t in registry.all()) or "none registered"
             raise CommandError(f"unknown task {task_id!r}; known tasks: {known}") from None
@@ -231,9 +241,13 @@ def _json(value: str, option: str) -> Any:
         except OSError as exc:
             raise CommandError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except json.JSONDecodeError as exc:
         raise CommandError(f"{option} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    found = find_unstorable(parsed)
+    if found:
+        raise CommandError(f"{option}: {describe(found)}")
+    return parsed
 
 
 def _run(value: str) -> Run:
