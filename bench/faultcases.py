@@ -240,7 +240,8 @@ def completed_steps_seen(events: list[tuple[str, Any]]) -> set[str]:
     return keys
 
 
-_STEP_ROW = re.compile(r'class="step step-(\w+)" data-key="([^"]+)"')
+# The trace view's hooks (DESIGN §6), not its classes, which change with the page's look.
+_STEP_ROW = re.compile(r'data-step-key="([^"]+)" data-status="(\w+)"')
 
 
 class PageFollower(threading.Thread):
@@ -274,7 +275,7 @@ class PageFollower(threading.Thread):
 
     def _read(self, html: str | bytes) -> None:
         text = html.decode() if isinstance(html, bytes) else html
-        for status, key in _STEP_ROW.findall(text):
+        for key, status in _STEP_ROW.findall(text):
             if status == "completed":
                 self.completed.add(key)
 

@@ -149,6 +149,7 @@ MIDDLEWARE = [
     # Outside CSRF and the rest, so whatever they answer under /api/ leaves as JSON.
     "runs.api.middleware.ApiJsonErrorsMiddleware",
     "runs.api.middleware.ApiBodyLimitMiddleware",
+    "runs.web.errors.FormSizeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -4,9 +4,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils.html import escape
 
 from runs.text import unstorable_reason
 
@@ -81,9 +79,8 @@ class ApiJsonErrorsMiddleware:
 
 
 class ApiBodyLimitMiddleware:
-    """Refuse API bodies over the payload limit with a JSON 413 before anything reads them; and a dashboard form
-    over Django's DATA_UPLOAD_MAX_MEMORY_SIZE with a short 413 page, where Django would answer a bare 400 (or,
-    with DEBUG, its debug page)."""
+    """Refuse API bodies over the payload limit with a JSON 413 before anything reads them (a dashboard form
+    over its limit is runs.web.errors.FormSizeMiddleware's)."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]):
         self.get_response = get_response
@@ -93,28 +90,9 @@ class ApiBodyLimitMiddleware:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        if request.path.startswith("/api/"):
-            limit = settings.DEX_MAX_PAYLOAD_BYTES
-            if length > limit:
-                return _json_error(
-                    413, "payload_too_large", f"the request body is {length:,} bytes; the limit is {limit:,} bytes"
-                )
-        elif settings.DATA_UPLOAD_MAX_MEMORY_SIZE is not None and length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            return _form_too_large(length)
+        limit = settings.DEX_MAX_PAYLOAD_BYTES
+        if request.path.startswith("/api/") and length > limit:
+            return _json_error(
+                413, "payload_too_large", f"the request body is {length:,} bytes; the limit is {limit:,} bytes"
+            )
         return self.get_response(request)
-
-    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        # A body sent without a Content-Length (chunked) is only found too large when a view reads it.
-        if isinstance(exception, RequestDataTooBig) and not request.path.startswith("/api/"):
-            return _form_too_large(None)
-        return None
-
-
-def _form_too_large(length: int | None) -> HttpResponse:
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    size = f"{length:,} bytes" if length is not None else "over the limit"
-    text = f"The form is too large to accept ({size}; the limit is {limit:,} bytes). Go back and shorten it."
-    return HttpResponse(
-        f"<!doctype html><title>Form too large · Dex</title><h1>Form too large</h1><p>{escape(text)}</p>",
-        status=413,
-    )

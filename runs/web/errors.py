@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
 
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 TITLES = {
     400: ("Bad request", "The request couldn't be understood: a form field too large, or a malformed value."),
     403: ("Not allowed", "You don't have permission to do this. Ask an admin to add you to the “operator” group."),
+    413: ("Form too large", "The form is too large to accept. Go back and shorten it."),
     404: ("Not found", "There is nothing here: the run, task or page may have been removed, or the link is wrong."),
     500: ("Something went wrong", "Dex hit an error it didn't expect. It has been logged; try again in a moment."),
 }
@@ -26,8 +29,9 @@ TITLES = {
 DEBUG_PAGE_MARK = b"you have <code>DEBUG = True</code>"
 
 
-def error_response(request: HttpRequest, status: int) -> HttpResponse:
-    title, text = TITLES[status]
+def error_response(request: HttpRequest, status: int, text: str | None = None) -> HttpResponse:
+    title, default_text = TITLES[status]
+    text = text or default_text
     context = {"status": status, "title": title, "text": text, "path": request.path}
     if request.headers.get("HX-Request") == "true":
         html = render_to_string("errors/fragment.html", context)
@@ -82,3 +86,35 @@ class DebugPageMiddleware:
         ):
             return error_response(request, status)
         return response
+
+
+class FormSizeMiddleware:
+    """A dashboard form over Django's DATA_UPLOAD_MAX_MEMORY_SIZE: the dashboard's 413 (a page, or for htmx the
+    notice), saying the size and the limit, where Django would answer a bare 400 (or, with DEBUG, its debug
+    page). The API refuses its own oversize bodies with JSON (runs.api.middleware)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        if not request.path.startswith("/api/") and limit is not None and length > limit:
+            return form_too_large(request, length)
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        # A body sent without a Content-Length (chunked) is only found too large when a view reads it.
+        if isinstance(exception, RequestDataTooBig) and not request.path.startswith("/api/"):
+            return form_too_large(request, None)
+        return None
+
+
+def form_too_large(request: HttpRequest, length: int | None) -> HttpResponse:
+    size = f"{length:,} bytes" if length is not None else "over the limit"
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    text = f"The form is too large to accept ({size}; the limit is {limit:,} bytes). Go back and shorten it."
+    return error_response(request, 413, text)

@@ -786,10 +786,10 @@ def test_trigger_forms_follow_the_signature_and_bad_input_is_a_form_error(
     expect(page.locator("#trigger .has-errors")).to_contain_text("This field is required")
     diff = page.locator("textarea[name='payload-diff']")
     diff.fill("--- a/x.py\n+++ b/x.py\n@@ -0,0 +1 @@\n+x = eval(y)\n")
-    # A field of 1.2 MB: the dashboard's "bad request" notice in the page, not a debug page swapped into the form.
+    # A field of 1.2 MB: the dashboard's "too large" notice in the page, not a debug page swapped into the form.
     diff.evaluate("(el) => { el.value = 'x'.repeat(1200000); }")
     page.get_by_role("button", name="Trigger").click()
-    expect(page.locator("#dex-error")).to_contain_text("Bad request")
+    expect(page.locator("#dex-error")).to_contain_text("Form too large")
     expect(page.locator("#trigger form")).to_be_visible()
     diff.fill("--- a/x.py\n+++ b/x.py\n@@ -0,0 +1 @@\n+x = eval(y)\n")
     page.get_by_role("button", name="Trigger").click()

@@ -70,11 +70,14 @@ def test_an_unexpected_error_is_the_dashboards_500_without_a_settings_dump(
     assert "SECRET_KEY" not in html and "Traceback" not in html
 
 
-def test_an_oversized_post_is_the_dashboards_400(debug: bool, settings: Any) -> None:
+def test_an_oversized_post_is_the_dashboards_413_notice(debug: bool, settings: Any) -> None:
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
     operator = Client(raise_request_exception=False)
     user = get_user_model().objects.create_superuser("op", password="pw-op-123456")
     operator.force_login(user)
     response = operator.post("/tasks/t-typed/", {"payload-name": "x" * 5000}, **HTMX)
     html = response.content.decode()
-    assert response["X-Dex-Error"] == "400" and "Bad request" in html and "<html" not in html
+    assert response["X-Dex-Error"] == "413" and "Form too large" in html and "<html" not in html
+    assert "the limit is 1,000 bytes" in html
+    response = operator.post("/tasks/t-typed/", {"payload-name": "x" * 5000})  # without htmx: a page
+    assert response.status_code == 413 and "<html" in response.content.decode()

@@ -88,7 +88,7 @@ def test_the_form_shows_constraints_a_textarea_and_the_docstring_as_safe_markdow
         ({"payload-diff": "a\x00b"}, "diff", "Null characters are not allowed"),
         ({"payload-extra": '{"k": "a\\u0000b"}'}, "extra", "k: text can&#x27;t contain NUL"),
         # Over the form's own cap but under the request's: a form error (a request over DEX_MAX_PAYLOAD_BYTES is
-        # the dashboard's 400 notice: tests/unit/test_error_pages.py).
+        # the dashboard's 413 notice: tests/unit/test_error_pages.py).
         ({"payload-diff": "x" * (TEXT_MAX_CHARS + 1)}, "diff", f"at most {TEXT_MAX_CHARS} characters"),
     ],
 )
