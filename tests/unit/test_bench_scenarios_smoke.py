@@ -1,6 +1,6 @@
-"""The throughput, resume, realtime and dashboard benchmarks and the README report can't rot.
+"""The throughput, resume, realtime, dashboard and parked benchmarks and the README report can't rot.
 
-One `bench/run.py --tiny` process runs the four scenarios end to end at their smallest sizes (real worker,
+One `bench/run.py --tiny` process runs the five scenarios end to end at their smallest sizes (real worker,
 scheduler and daphne processes, websocket clients, seeded databases) and writes every figure; the report renders
 a README table and an SVG chart from results. Benchmarks are not tests, so nothing here looks at a time or a goal;
 counts that are exact by construction (steps re-executed, queries per page) are checked.
@@ -34,21 +34,32 @@ FIGURES = {
     "realtime": ["ws_p50_ms", "ws_p99_ms_100_clients", "ws_p99_ms_1000_clients", "ratio_p50_vs_redis", "redis_p50_ms"],
     "dashboard": ["queries_per_page", "list_p95_ms_100k", "ratio_p95_100k_vs_1k"],
 }
+# Parked has goals of its own shape (counts and rates, no peer ratios): checked apart.
+PARKED_FIGURES = [
+    "worker_slots_held",
+    "worker_rss_growth_mb",
+    "idle_queries_per_s",
+    "wake_steps_per_s",
+    "wake_p99_s",
+    "parked_per_s",
+    "celery_eta_messages_held",
+    "celery_eta_rss_growth_mb",
+]
 
 
 @pytest.mark.integration  # it starts real worker, scheduler and daphne processes
-def test_the_four_scenarios_run_and_write_their_figures(tmp_path: Path) -> None:
+def test_the_five_scenarios_run_and_write_their_figures(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
     # Never the databases of a real bench run, nor those of the other bench smoke tests.
     env = {**os.environ, "DEX_BENCH_DATABASE": "dex_bench_smoke_scenarios"}
-    only = [arg for name in FIGURES for arg in ("--only", name)]
+    only = [arg for name in [*FIGURES, "parked"] for arg in ("--only", name)]
     done = subprocess.run(
         [sys.executable, "bench/run.py", "--tiny", *only, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=500,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
@@ -71,6 +82,18 @@ def test_the_four_scenarios_run_and_write_their_figures(tmp_path: Path) -> None:
     assert scenarios["realtime"]["figures"]["lost_messages"] == 0
     assert scenarios["dashboard"]["figures"]["queries_per_page"] <= 8
     assert scenarios["dashboard"]["figures"]["unbounded_counts"] == 0
+    parked = scenarios["parked"]
+    assert set(parked["goal"]) == {"worker_slots_held", "worker_rss_growth_mb", "idle_queries_per_s"}
+    assert isinstance(parked["met"], bool)
+    for name in PARKED_FIGURES:
+        value = parked["figures"][name]
+        assert isinstance(value, int | float) and math.isfinite(value), (name, value)
+    for name in ("idle_queries_per_s", "wake_steps_per_s", "wake_p99_s", "parked_per_s"):
+        assert parked["figures"][name] > 0, (name, parked["figures"][name])
+    # Counts, not timings: a parked run holds no worker slot; a Celery countdown task is held until due.
+    assert parked["figures"]["worker_slots_held"] == 0
+    assert parked["figures"]["parked_runs"] == 200 and parked["figures"]["celery_eta_messages_held"] > 0
+    assert parked["idle_scheduler"]["idle_ticks"] >= 1
     # A tiny run is never written into the README, and the harness stopped every process it started.
     assert not (tmp_path / "throughput.json").exists()
     sessions = [line.rsplit("session ", 1)[1].strip() for line in done.stderr.splitlines() if "; session " in line]
