@@ -131,7 +131,7 @@ def run(env: BenchEnv) -> dict:
             "missed_because": (
                 "on 2 cores CPU binds before Postgres's commits do: Dex's worker processes, Postgres and the "
                 "trigger share them, so steps/s follows CPU per step (step_overhead's cpu_ms_per_step) and the "
-                "per-run fixed cost (trigger, claim, settle); cutting both is issue 14's engine half."
+                "per-run fixed cost (trigger, claim, settle; step_overhead's dex_e2e_phases_ms)."
             ),
             "ranges": {name: [s["min"], s["max"]] for name, s in spreads.items()},
             "per_repeat": series,
