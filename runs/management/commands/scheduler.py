@@ -112,6 +112,7 @@ class Command(BaseCommand):
                     wait = min(wait, max(0.0, (result.next_due - timezone.now()).total_seconds()))
                 listener.wait(wait, stop)
         listener.close()
+        log.info("scheduler stopped")
 
 
 class _Listener:
@@ -145,4 +146,3 @@ class _Listener:
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
             self._conn = None
-        log.info("scheduler stopped")
